@@ -1,0 +1,20 @@
+//! The control protocol between the qpnet primary and its workers.
+//!
+//! Every worker (one per queue pair) is connected to the primary by one
+//! `SOCK_SEQPACKET` socket. The primary sends [`Request`]s, the worker answers
+//! each with exactly one [`Reply`]. Messages are serde types encoded with
+//! bincode 2; file descriptors (guest memory, eventfds, the TAP queue, the
+//! shared region) travel beside them as `SCM_RIGHTS`, received with
+//! `MSG_CMSG_CLOEXEC` so they never leak into a later `exec`.
+//!
+//! The first exchange is [`Request::Hello`] / [`Reply::Hello`], which checks
+//! [`PROTOCOL_VERSION`] on both sides.
+#![deny(missing_docs)]
+
+mod channel;
+mod messages;
+
+pub use channel::{Channel, IpcError, MAX_FDS, MAX_MESSAGE_SIZE};
+pub use messages::{
+    MemoryRegion, Reply, Request, RingConfig, RingKind, PROTOCOL_VERSION, WORKER_CONTROL_FD,
+};

@@ -1,0 +1,160 @@
+//! The `#[repr(C)]` layout of the shared region.
+//!
+//! ```text
+//! offset 0            RegionHeader   (one cache line)
+//! offset 64           QueueStats[0]  (QUEUE_STATS_SIZE bytes, cache-line aligned)
+//! ...                 QueueStats[queue_pairs - 1]
+//! ```
+//!
+//! The header's magic, layout version and sizes are checked on every attach;
+//! a reader built for another layout refuses to interpret the rest.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// "QPNETSHM" as a little-endian u64.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"QPNETSHM");
+/// Version of this layout; bumped on any incompatible change.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Most queue pairs a region (and a qpnet instance) can have.
+pub const MAX_QUEUE_PAIRS: usize = 16;
+
+/// The region header.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct RegionHeader {
+    /// [`MAGIC`].
+    pub magic: AtomicU64,
+    /// [`LAYOUT_VERSION`].
+    pub layout_version: AtomicU32,
+    /// `size_of::<RegionHeader>()` of the writer.
+    pub header_size: AtomicU32,
+    /// `size_of::<QueueStats>()` of the writer.
+    pub queue_stats_size: AtomicU32,
+    /// Number of queue pairs (blocks that follow the header).
+    pub queue_pairs: AtomicU32,
+    /// Bumped each time a primary (re)initialises the region.
+    pub generation: AtomicU64,
+    /// Process id of the primary that owns the region.
+    pub primary_pid: AtomicU32,
+    /// Nonzero while a VMM is connected.
+    pub vmm_connected: AtomicU32,
+    /// Number of VMM connections served so far.
+    pub vmm_connections: AtomicU64,
+}
+
+/// What a queue pair's worker is doing, as published in [`QueueStats::state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum WorkerState {
+    /// No worker yet.
+    Absent = 0,
+    /// Spawned, not yet acknowledged its hello.
+    Starting = 1,
+    /// Running; its rings may or may not be started.
+    Running = 2,
+    /// Exited or killed; a new one is being started.
+    Restarting = 3,
+    /// Given up on after repeated crashes.
+    Failed = 4,
+    /// Stopped on purpose (shutdown).
+    Stopped = 5,
+}
+
+impl WorkerState {
+    /// Decode a published state value.
+    pub fn from_u32(v: u32) -> Option<WorkerState> {
+        Some(match v {
+            0 => WorkerState::Absent,
+            1 => WorkerState::Starting,
+            2 => WorkerState::Running,
+            3 => WorkerState::Restarting,
+            4 => WorkerState::Failed,
+            5 => WorkerState::Stopped,
+            _ => return None,
+        })
+    }
+
+    /// A short lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Absent => "absent",
+            WorkerState::Starting => "starting",
+            WorkerState::Running => "running",
+            WorkerState::Restarting => "restarting",
+            WorkerState::Failed => "failed",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+/// The counters and status of one queue pair. Frame and drop counters are
+/// written only by the queue pair's worker; `state`, `pid` and `restarts`
+/// only by the primary.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Frames taken from the TX ring and written to the TAP.
+    pub tx_frames: AtomicU64,
+    /// Bytes of those frames (without the virtio-net header).
+    pub tx_bytes: AtomicU64,
+    /// Frames read from the TAP and put in the RX ring.
+    pub rx_frames: AtomicU64,
+    /// Bytes of those frames (without the virtio-net header).
+    pub rx_bytes: AtomicU64,
+    /// RX frames cut short because the guest's buffers were too small.
+    pub drop_too_large: AtomicU64,
+    /// Chains refused because a descriptor was invalid (out of guest memory,
+    /// looping, wrong direction, too long).
+    pub drop_bad_descriptor: AtomicU64,
+    /// TX chains shorter than the virtio-net header.
+    pub drop_runt: AtomicU64,
+    /// Frames the TAP refused on write.
+    pub drop_tap_error: AtomicU64,
+    /// Times the TAP had frames while the RX ring had no buffer.
+    pub rx_no_buffer: AtomicU64,
+    /// Kicks received on the TX ring.
+    pub tx_kicks: AtomicU64,
+    /// Kicks received on the RX ring.
+    pub rx_kicks: AtomicU64,
+    /// Interrupts (call eventfd writes) sent to the guest.
+    pub interrupts: AtomicU64,
+    /// Batches processed (wake-ups that moved at least one frame).
+    pub batches: AtomicU64,
+    /// Worker heartbeat: CLOCK_MONOTONIC nanoseconds of its last loop turn.
+    pub heartbeat_ns: AtomicU64,
+    /// Times the worker of this queue pair was (re)started after the first.
+    pub restarts: AtomicU64,
+    /// The worker's process id (0 when none).
+    pub pid: AtomicU32,
+    /// A [`WorkerState`] value.
+    pub state: AtomicU32,
+}
+
+impl QueueStats {
+    /// Add `n` to a counter. Single writer per counter: a relaxed
+    /// load + store would do, but `fetch_add` keeps it obviously right.
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Read a counter.
+    #[inline]
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// The published worker state.
+    pub fn worker_state(&self) -> Option<WorkerState> {
+        WorkerState::from_u32(self.state.load(Ordering::Acquire))
+    }
+
+    /// Publish a worker state.
+    pub fn set_worker_state(&self, s: WorkerState) {
+        self.state.store(s as u32, Ordering::Release);
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<RegionHeader>() == 64);
+const _: () = assert!(std::mem::size_of::<QueueStats>() % 64 == 0);
+const _: () = assert!(std::mem::align_of::<QueueStats>() == 64);
