@@ -83,6 +83,12 @@ pub enum Request {
     SetFeatures {
         /// Acknowledged virtio feature bits.
         features: u64,
+        /// Largest frame (without the virtio-net header) the TAP can deliver:
+        /// from its MTU, or 65535 + 14 when the guest accepts GSO frames.
+        /// Decides how many mergeable RX buffers a frame may need.
+        max_rx_frame: u32,
+        /// Length of the virtio-net header on the rings and the TAP (10 or 12).
+        header_len: u32,
     },
     /// Replace the guest memory map. One fd per region follows. Both rings
     /// must be stopped (the primary stops them first).
