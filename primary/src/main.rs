@@ -1,1 +1,63 @@
-fn main() {}
+//! The `qpnet` binary: one executable for the primary (`run`), its workers
+//! (`worker`, started by the primary with fork+exec of this same file) and
+//! the `stats` reader.
+
+mod cli;
+mod device;
+mod features;
+mod logging;
+mod run;
+mod runtime;
+mod server;
+mod stats_cmd;
+mod tap;
+mod vhost_user;
+mod workers;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use clap::Parser;
+use cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => {
+            logging::init("primary");
+            match run::run(args) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    eprintln!("qpnet run: error: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Worker(args) => {
+            logging::init(&format!("worker {}", args.queue_pair));
+            if args.control_fd < 3 {
+                eprintln!("qpnet worker: --control-fd must be an inherited fd >= 3 (qpnet worker is started by qpnet run)");
+                std::process::exit(2);
+            }
+            // SAFETY: the primary placed our control socket at this fd before
+            // exec; nothing else in this process owns it. Channel::from_fd
+            // checks that it is a SOCK_SEQPACKET socket.
+            let fd = unsafe { OwnedFd::from_raw_fd(args.control_fd) };
+            match qpnet_secondary::run_worker(args.queue_pair, fd) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    1
+                }
+            }
+        }
+        Command::Stats(args) => match stats_cmd::stats(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("qpnet stats: error: {e:#}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,160 @@
+//! The command line: `qpnet run`, `qpnet worker`, `qpnet stats`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// qpnet: a multi-process vhost-user-net backend. Every queue pair of the
+/// VM's virtio-net device is moved by its own worker process, so a crashing
+/// or wedged worker never takes the VM's network down.
+#[derive(Parser, Debug)]
+#[command(name = "qpnet", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the primary: serve a VMM on a vhost-user socket, forward through
+    /// a TAP, one worker process per queue pair.
+    Run(RunArgs),
+    /// Internal: a queue pair's worker, started by `qpnet run` only.
+    #[command(hide = false)]
+    Worker(WorkerArgs),
+    /// Show the per-queue counters and worker state of a running instance.
+    Stats(StatsArgs),
+}
+
+/// Options of `qpnet run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The vhost-user unix socket. qpnet listens on it (the VMM connects),
+    /// or with --connect connects to a VMM listening there.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The TAP interface: created if missing (and removed on exit), or an
+    /// existing multi-queue TAP (`ip tuntap add dev NAME mode tap
+    /// multi_queue vnet_hdr`). Its link is brought up; addresses are yours
+    /// to assign.
+    #[arg(long, value_name = "NAME")]
+    pub tap: String,
+    /// Number of queue pairs (1..=16), each served by its own worker
+    /// process. Default: the number of CPUs, at most 16.
+    #[arg(long, value_name = "N", value_parser = parse_queue_pairs)]
+    pub queue_pairs: Option<u16>,
+    /// Connect to a VMM that listens on --socket (retrying until it does)
+    /// instead of listening.
+    #[arg(long)]
+    pub connect: bool,
+    /// Instance name: names the runtime directory (/run/qpnet/NAME as root)
+    /// where `qpnet stats --name NAME` finds it.
+    #[arg(long, value_name = "NAME", default_value = "qpnet")]
+    pub name: String,
+    /// MAC address reported to drivers that read the config space
+    /// (default: a locally administered address derived from --name).
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub mac: Option<[u8; 6]>,
+    /// Base directory for runtime files (default /run/qpnet as root).
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+/// Options of `qpnet worker` (set by the primary).
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The queue pair to serve.
+    #[arg(long, value_name = "N")]
+    pub queue_pair: u16,
+    /// The inherited control socket (SOCK_SEQPACKET).
+    #[arg(long, value_name = "FD", default_value_t = qpnet_ipc::WORKER_CONTROL_FD)]
+    pub control_fd: i32,
+}
+
+/// Options of `qpnet stats`.
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// Instance name (as given to `qpnet run --name`).
+    #[arg(long, value_name = "NAME", default_value = "qpnet")]
+    pub name: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Base directory for runtime files (default /run/qpnet as root).
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+fn parse_queue_pairs(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(n) if (1..=16).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "queue pairs must be between 1 and 16 (1..=16), got {s:?}"
+        )),
+    }
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("{s:?} is not a MAC address like 52:54:00:12:34:56");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{s:?} is a multicast address; a device needs a unicast MAC"
+        ));
+    }
+    Ok(mac)
+}
+
+/// The default number of queue pairs: CPUs, capped at 16.
+pub fn default_queue_pairs() -> u16 {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(16) as u16)
+        .unwrap_or(1)
+}
+
+/// A locally administered MAC derived from the instance name.
+pub fn mac_from_name(name: &str) -> [u8; 6] {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    [0x52, 0x54, 0x00, b[1], b[2], b[3]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_pairs_range() {
+        assert_eq!(parse_queue_pairs("1"), Ok(1));
+        assert_eq!(parse_queue_pairs("16"), Ok(16));
+        assert!(parse_queue_pairs("0")
+            .unwrap_err()
+            .contains("between 1 and 16"));
+        assert!(parse_queue_pairs("17").is_err());
+        assert!(parse_queue_pairs("x").is_err());
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(parse_mac("52:54:00:00:00:01"), Ok([0x52, 0x54, 0, 0, 0, 1]));
+        assert!(parse_mac("01:00:00:00:00:00").is_err());
+        assert!(parse_mac("52:54:00:00:00").is_err());
+        assert!(parse_mac("zz:54:00:00:00:00").is_err());
+        assert_eq!(mac_from_name("a")[0] & 1, 0);
+    }
+}

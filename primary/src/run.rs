@@ -1,0 +1,136 @@
+//! `qpnet run`: check the environment, set up the instance (runtime
+//! directory, TAP, shared region, workers, vhost-user socket), serve VMMs,
+//! and clean up on SIGTERM/SIGINT.
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use qpnet_shared::SharedRegion;
+
+use crate::cli::{self, RunArgs};
+use crate::device::{Device, DeviceConfig};
+use crate::runtime::{self, RuntimeDir};
+use crate::server::{self, Endpoint, Server};
+use crate::tap::{self, Tap};
+use crate::vhost_user::VhostUserDevice;
+
+const CAP_NET_ADMIN: u32 = 12;
+
+fn has_cap_net_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .map(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+        .unwrap_or(false)
+}
+
+/// Refuse a socket path that a live process listens on; remove a stale one.
+fn check_socket_path(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "socket path {} exists and is not a socket: remove it or choose another --socket",
+            path.display()
+        );
+    }
+    if UnixStream::connect(path).is_ok() {
+        bail!(
+            "socket path {} is in use: a running process (another qpnet or a VMM) listens on it; stop it or choose another --socket",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path)
+        .with_context(|| format!("removing the stale socket {}", path.display()))
+}
+
+fn qemu_hint(args: &RunArgs, qp: u16) -> String {
+    let chardev = if args.connect {
+        format!(
+            "socket,id=qpnet0,path={},server=on,wait=off",
+            args.socket.display()
+        )
+    } else {
+        format!(
+            "socket,id=qpnet0,path={},reconnect=1",
+            args.socket.display()
+        )
+    };
+    let device = if qp > 1 {
+        format!("virtio-net-pci,netdev=net0,mq=on,vectors={}", 2 * qp + 2)
+    } else {
+        "virtio-net-pci,netdev=net0".to_string()
+    };
+    format!(
+        "attach a VM with:\n  qemu-system-x86_64 ... \\\n    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -chardev {chardev} \\\n    -netdev vhost-user,id=net0,chardev=qpnet0,queues={qp} \\\n    -device {device}"
+    )
+}
+
+/// Run the primary until a termination signal.
+pub fn run(args: RunArgs) -> Result<()> {
+    runtime::validate_name(&args.name)?;
+    tap::validate_name(&args.tap)?;
+    let qp = args.queue_pairs.unwrap_or_else(cli::default_queue_pairs);
+    if !has_cap_net_admin() {
+        bail!("qpnet run needs CAP_NET_ADMIN to open TAP queues: run it as root (e.g. with sudo)");
+    }
+    let base = args
+        .runtime_dir
+        .clone()
+        .unwrap_or_else(runtime::default_base);
+    let rundir = RuntimeDir::acquire(&base, &args.name)?;
+    if !args.connect {
+        check_socket_path(&args.socket)?;
+    }
+    let signals = server::block_signals()?;
+    let tap = Tap::open(&args.tap, qp as usize)?;
+    let shared = SharedRegion::create(&runtime::shm_path(rundir.path()), qp as usize)
+        .context("creating the shared region")?;
+    let endpoint = if args.connect {
+        Endpoint::Connect(args.socket.clone())
+    } else {
+        let l = UnixListener::bind(&args.socket)
+            .with_context(|| format!("listening on {}", args.socket.display()))?;
+        Endpoint::Listen(l, args.socket.clone())
+    };
+    log::info!(
+        "instance {:?}: TAP {} ({}), {qp} queue pair(s), socket {}, runtime {}",
+        args.name,
+        tap.name(),
+        if tap.created() { "created" } else { "existing" },
+        args.socket.display(),
+        rundir.path().display()
+    );
+    let config = DeviceConfig {
+        queue_pairs: qp,
+        mac: args.mac.unwrap_or_else(|| cli::mac_from_name(&args.name)),
+    };
+    let device = Device::new(config, tap, shared)?;
+    eprintln!("{}", qemu_hint(&args, qp));
+    let dev = Arc::new(Mutex::new(VhostUserDevice {
+        device,
+        reply_lost: false,
+    }));
+    let mut server = Server::new(endpoint, dev.clone(), signals);
+    let exit = server.serve();
+    log::info!("shutting down ({exit:?})");
+    dev.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .device
+        .shutdown();
+    if server.owns_socket() {
+        let _ = std::fs::remove_file(server.socket_path());
+    }
+    drop(rundir);
+    exit.map(|_| ())
+}

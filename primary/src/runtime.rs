@@ -1,0 +1,103 @@
+//! The instance's runtime directory (`/run/qpnet/NAME/` as root): an
+//! exclusive lock that makes a second instance of the same name fail early,
+//! the pid file and the shared region's file. Removed on clean exit.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// The default runtime base directory: /run/qpnet as root, else
+/// $XDG_RUNTIME_DIR/qpnet, else /tmp/qpnet-UID.
+pub fn default_base() -> PathBuf {
+    // SAFETY: geteuid has no failure mode and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/qpnet");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("qpnet"),
+        None => PathBuf::from(format!("/tmp/qpnet-{uid}")),
+    }
+}
+
+/// Check an instance name: 1..=64 of [A-Za-z0-9_.-], not starting with '.'.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if !ok {
+        bail!("instance name {name:?} is not valid: use 1 to 64 letters, digits, '_', '-' or '.', not starting with '.'");
+    }
+    Ok(())
+}
+
+/// The directory of instance `name` under `base`.
+pub fn instance_dir(base: &Path, name: &str) -> PathBuf {
+    base.join(name)
+}
+
+/// The shared region file of an instance directory.
+pub fn shm_path(dir: &Path) -> PathBuf {
+    dir.join("stats.shm")
+}
+
+/// A locked runtime directory; removed on drop.
+pub struct RuntimeDir {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl RuntimeDir {
+    /// Create and lock the directory of instance `name`; fails clearly if
+    /// another process holds it.
+    pub fn acquire(base: &Path, name: &str) -> Result<RuntimeDir> {
+        let dir = instance_dir(base, name);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating runtime directory {}", dir.display()))?;
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join("lock"))
+            .with_context(|| format!("opening {}/lock", dir.display()))?;
+        // SAFETY: flock on an fd we own; no memory involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut pid = String::new();
+            let _ = lock.read_to_string(&mut pid);
+            bail!(
+                "qpnet instance {name:?} is already running (pid {}): stop it, or give this one another --name",
+                pid.trim()
+            );
+        }
+        lock.set_len(0)?;
+        lock.rewind()?;
+        writeln!(lock, "{}", std::process::id())?;
+        Ok(RuntimeDir { dir, _lock: lock })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(shm_path(&self.dir));
+        let _ = std::fs::remove_file(self.dir.join("lock"));
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

@@ -1,0 +1,251 @@
+//! The primary's main loop: one VMM connection after another, plus worker
+//! supervision and signals, all in one thread around `poll(2)`.
+//!
+//! While a VMM is connected the loop waits on the VMM socket, the signalfd
+//! and every worker's pidfd; between VMMs, on the listening socket (or a
+//! reconnect timer with `--connect`) instead of the VMM socket. A worker's
+//! pidfd firing means it died: the device replaces it at once.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+
+use crate::vhost_user::VhostUserDevice;
+
+/// Where the VMM is.
+pub enum Endpoint {
+    /// We listen; the VMM connects (QEMU `-chardev socket,path=...`).
+    Listen(UnixListener, PathBuf),
+    /// The VMM listens; we connect, retrying.
+    Connect(PathBuf),
+}
+
+/// Why [`Server::serve`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM, SIGINT or SIGHUP.
+    Signal(Signal),
+}
+
+enum Wake {
+    Ready,
+    Signal(Signal),
+    Timeout,
+}
+
+/// The primary's event loop.
+pub struct Server {
+    endpoint: Endpoint,
+    dev: Arc<Mutex<VhostUserDevice>>,
+    signals: SignalFd,
+}
+
+/// Block the signals the server handles (call before any worker is
+/// spawned: workers restore an empty mask before exec).
+pub fn block_signals() -> Result<SignalFd> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    set.thread_block()
+        .context("blocking SIGTERM/SIGINT/SIGHUP")?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .context("creating a signalfd")
+}
+
+fn lock(dev: &Arc<Mutex<VhostUserDevice>>) -> std::sync::MutexGuard<'_, VhostUserDevice> {
+    // A panic while holding the lock would be a qpnet bug; keep serving
+    // with whatever state is there rather than cascading the panic.
+    dev.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Server {
+    /// A server for `dev` on `endpoint`.
+    pub fn new(endpoint: Endpoint, dev: Arc<Mutex<VhostUserDevice>>, signals: SignalFd) -> Server {
+        Server {
+            endpoint,
+            dev,
+            signals,
+        }
+    }
+
+    /// Serve VMMs until a termination signal arrives.
+    pub fn serve(&mut self) -> Result<Exit> {
+        loop {
+            let stream = match self.next_vmm()? {
+                Ok(s) => s,
+                Err(exit) => return Ok(exit),
+            };
+            let exit = self.serve_vmm(stream);
+            {
+                let mut d = lock(&self.dev);
+                d.device.reset();
+                d.reply_lost = false;
+                d.device
+                    .shared()
+                    .header()
+                    .vmm_connected
+                    .store(0, Ordering::Relaxed);
+            }
+            if let Some(exit) = exit? {
+                return Ok(exit);
+            }
+            log::info!("waiting for the next VMM");
+        }
+    }
+
+    /// Wait on `fd` (if any), the signalfd and the worker pidfds; handle
+    /// signals and dead workers; report whether `fd` became ready.
+    fn wait(&mut self, fd: Option<RawFd>, timeout: Option<Duration>) -> Result<Wake> {
+        let pidfds: Vec<(usize, RawFd)> = lock(&self.dev)
+            .device
+            .worker_pidfds()
+            .into_iter()
+            .map(|(qp, f)| (qp, f.as_raw_fd()))
+            .collect();
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(pidfds.len() + 2);
+        let ev = |fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        pfds.push(ev(self.signals.as_raw_fd()));
+        pfds.push(ev(fd.unwrap_or(-1)));
+        pfds.extend(pidfds.iter().map(|&(_, f)| ev(f)));
+        let ms = timeout.map(|t| t.as_millis() as libc::c_int).unwrap_or(-1);
+        // SAFETY: pfds is a valid array of pollfd for its whole length.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(Wake::Timeout);
+            }
+            return Err(e).context("poll");
+        }
+        if pfds[0].revents != 0 {
+            if let Ok(Some(info)) = self.signals.read_signal() {
+                let sig = Signal::try_from(info.ssi_signo as i32).unwrap_or(Signal::SIGTERM);
+                return Ok(Wake::Signal(sig));
+            }
+        }
+        for (k, &(qp, _)) in pidfds.iter().enumerate() {
+            if pfds[k + 2].revents != 0 {
+                lock(&self.dev).device.worker_exited(qp);
+            }
+        }
+        if fd.is_some() && pfds[1].revents != 0 {
+            return Ok(Wake::Ready);
+        }
+        Ok(Wake::Timeout)
+    }
+
+    /// Wait for the next VMM connection (or a signal).
+    fn next_vmm(&mut self) -> Result<std::result::Result<UnixStream, Exit>> {
+        let mut announced = false;
+        loop {
+            match &self.endpoint {
+                Endpoint::Listen(l, _) => {
+                    let fd = l.as_raw_fd();
+                    match self.wait(Some(fd), None)? {
+                        Wake::Signal(s) => return Ok(Err(Exit::Signal(s))),
+                        Wake::Timeout => continue,
+                        Wake::Ready => {}
+                    }
+                    let Endpoint::Listen(l, _) = &self.endpoint else {
+                        unreachable!()
+                    };
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            log::info!("VMM connected");
+                            self.connected();
+                            return Ok(Ok(s));
+                        }
+                        Err(e) => log::warn!("accept on the vhost-user socket failed: {e}"),
+                    }
+                }
+                Endpoint::Connect(path) => {
+                    match UnixStream::connect(path) {
+                        Ok(s) => {
+                            log::info!("connected to the VMM at {}", path.display());
+                            self.connected();
+                            return Ok(Ok(s));
+                        }
+                        Err(e) if !announced => {
+                            log::info!("VMM socket {} not ready ({e}); retrying", path.display());
+                            announced = true;
+                        }
+                        Err(_) => {}
+                    }
+                    if let Wake::Signal(s) = self.wait(None, Some(Duration::from_millis(100)))? {
+                        return Ok(Err(Exit::Signal(s)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn connected(&self) {
+        let d = lock(&self.dev);
+        let h = d.device.shared().header();
+        h.vmm_connected.store(1, Ordering::Relaxed);
+        h.vmm_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Serve one VMM until it disconnects (Ok(None)) or a signal (Ok(Some)).
+    fn serve_vmm(&mut self, stream: UnixStream) -> Result<Option<Exit>> {
+        let fd = stream.as_raw_fd();
+        let mut handler = BackendReqHandler::from_stream(stream, self.dev.clone());
+        loop {
+            match self.wait(Some(fd), None)? {
+                Wake::Signal(s) => return Ok(Some(Exit::Signal(s))),
+                Wake::Timeout => continue,
+                Wake::Ready => {}
+            }
+            let result = handler.handle_request();
+            let reply_lost = std::mem::take(&mut lock(&self.dev).reply_lost);
+            match result {
+                Ok(()) => {}
+                Err(VhostError::ReqHandlerError(_)) | Err(VhostError::InvalidOperation(_)) => {
+                    // Refused and already logged; REPLY_ACK told the VMM.
+                }
+                Err(
+                    VhostError::Disconnected
+                    | VhostError::PartialMessage
+                    | VhostError::SocketBroken(_)
+                    | VhostError::SocketError(_),
+                ) => {
+                    log::info!("VMM disconnected");
+                    return Ok(None);
+                }
+                Err(e) => {
+                    log::warn!("closing the VMM connection: malformed or unexpected request ({e})");
+                    return Ok(None);
+                }
+            }
+            if reply_lost {
+                log::warn!("closing the VMM connection: a request that needs a reply failed");
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The socket path, for cleanup.
+    pub fn socket_path(&self) -> &Path {
+        match &self.endpoint {
+            Endpoint::Listen(_, p) | Endpoint::Connect(p) => p,
+        }
+    }
+
+    /// Whether we created the socket file (and so remove it).
+    pub fn owns_socket(&self) -> bool {
+        matches!(self.endpoint, Endpoint::Listen(..))
+    }
+}

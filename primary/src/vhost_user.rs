@@ -1,0 +1,227 @@
+//! The vhost-user protocol: the vhost crate's backend handler trait mapped
+//! onto the [`Device`] state machine. Every refusal is logged here with the
+//! request it answers; with REPLY_ACK the VMM gets a failure code.
+//!
+//! Requests whose answer is a reply (GET_*) cannot carry a failure code: the
+//! vhost crate sends nothing when the handler fails. Those set
+//! [`VhostUserDevice::reply_lost`], and the connection loop closes the
+//! connection rather than leave the VMM waiting for an answer.
+
+use std::fs::File;
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::GpuBackend;
+use vhost::vhost_user::{
+    Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+
+use crate::device::{DevResult, Device};
+use crate::features;
+
+/// The device as seen by the vhost-user connection.
+pub struct VhostUserDevice {
+    /// The device state machine.
+    pub device: Device,
+    /// Set when a request that needs a reply failed (no reply was sent).
+    pub reply_lost: bool,
+}
+
+fn answer<T>(request: &str, r: DevResult<T>) -> VhostResult<T> {
+    r.map_err(|e| {
+        log::warn!("refused {request}: {e}");
+        VhostError::ReqHandlerError(std::io::Error::other(e.0))
+    })
+}
+
+fn unsupported<T>(request: &'static str) -> VhostResult<T> {
+    log::warn!("refused {request}: not supported by qpnet");
+    Err(VhostError::InvalidOperation(request))
+}
+
+impl VhostUserDevice {
+    fn answer_reply<T>(&mut self, request: &str, r: DevResult<T>) -> VhostResult<T> {
+        if r.is_err() {
+            self.reply_lost = true;
+        }
+        answer(request, r)
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for VhostUserDevice {
+    fn set_owner(&mut self) -> VhostResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostResult<()> {
+        self.device.reset();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostResult<()> {
+        self.device.reset();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostResult<u64> {
+        Ok(features::OFFERED)
+    }
+
+    fn set_features(&mut self, f: u64) -> VhostResult<()> {
+        log::info!("driver features {f:#x}");
+        answer("SET_FEATURES", self.device.set_features(f))
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        answer("SET_MEM_TABLE", self.device.set_mem_table(ctx, files)).map(|_| None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        answer("SET_VRING_NUM", self.device.set_vring_num(index, num))
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostResult<()> {
+        answer(
+            "SET_VRING_ADDR",
+            self.device
+                .set_vring_addr(index, descriptor, used, available),
+        )
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        answer("SET_VRING_BASE", self.device.set_vring_base(index, base))
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        let r = self.device.get_vring_base(index);
+        let base = self.answer_reply("GET_VRING_BASE", r)?;
+        Ok(VhostUserVringState::new(index, base as u32))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        answer("SET_VRING_KICK", self.device.set_vring_kick(index, fd))
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        answer("SET_VRING_CALL", self.device.set_vring_call(index, fd))
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        answer("SET_VRING_ERR", self.device.set_vring_err(index, fd))
+    }
+
+    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
+        Ok(features::protocol_offered())
+    }
+
+    fn set_protocol_features(&mut self, f: u64) -> VhostResult<()> {
+        answer(
+            "SET_PROTOCOL_FEATURES",
+            self.device.set_protocol_features(f),
+        )
+    }
+
+    fn get_queue_num(&mut self) -> VhostResult<u64> {
+        Ok(self.device.queue_pairs() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        answer(
+            "SET_VRING_ENABLE",
+            self.device.set_vring_enable(index, enable),
+        )
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<Vec<u8>> {
+        // The vhost crate answers a failed GET_CONFIG with an empty payload,
+        // which the VMM understands as an error.
+        answer("GET_CONFIG", self.device.get_config(offset, size))
+    }
+
+    fn set_config(&mut self, _o: u32, _b: &[u8], _f: VhostUserConfigFlags) -> VhostResult<()> {
+        unsupported("SET_CONFIG (the config space is read-only)")
+    }
+
+    fn set_gpu_socket(&mut self, _g: GpuBackend) -> VhostResult<()> {
+        unsupported("GPU_SET_SOCKET")
+    }
+
+    fn get_shared_object(&mut self, _u: VhostUserSharedMsg) -> VhostResult<File> {
+        self.reply_lost = true;
+        unsupported("GET_SHARED_OBJECT")
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _i: &VhostUserInflight,
+    ) -> VhostResult<(VhostUserInflight, File)> {
+        self.reply_lost = true;
+        unsupported("GET_INFLIGHT_FD")
+    }
+
+    fn set_inflight_fd(&mut self, _i: &VhostUserInflight, _f: File) -> VhostResult<()> {
+        unsupported("SET_INFLIGHT_FD")
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
+        self.reply_lost = true;
+        unsupported("GET_MAX_MEM_SLOTS")
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _r: &VhostUserSingleMemoryRegion,
+        _f: File,
+        _postcopy: Option<bool>,
+    ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        unsupported("ADD_MEM_REG")
+    }
+
+    fn remove_mem_region(&mut self, _r: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        unsupported("REM_MEM_REG")
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _d: VhostTransferStateDirection,
+        _p: VhostTransferStatePhase,
+        _f: File,
+    ) -> VhostResult<Option<File>> {
+        unsupported("SET_DEVICE_STATE_FD")
+    }
+
+    fn check_device_state(&mut self) -> VhostResult<()> {
+        unsupported("CHECK_DEVICE_STATE")
+    }
+
+    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
+        self.reply_lost = true;
+        unsupported("GET_SHMEM_CONFIG")
+    }
+
+    fn set_log_base(&mut self, _l: &VhostUserLog, _f: File) -> VhostResult<()> {
+        unsupported("SET_LOG_BASE")
+    }
+}
