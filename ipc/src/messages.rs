@@ -25,7 +25,7 @@ pub enum RingKind {
 impl RingKind {
     /// The ring kind of a vhost-user vring index (even: RX, odd: TX).
     pub fn of_vring(index: u32) -> RingKind {
-        if index % 2 == 0 {
+        if index & 1 == 0 {
             RingKind::Rx
         } else {
             RingKind::Tx
@@ -90,8 +90,10 @@ pub enum Request {
         /// Length of the virtio-net header on the rings and the TAP (10 or 12).
         header_len: u32,
     },
-    /// Replace the guest memory map. One fd per region follows. Both rings
-    /// must be stopped (the primary stops them first).
+    /// Replace the guest memory map. One fd per region follows. The primary
+    /// stops the rings first; a worker that gets it with rings running keeps
+    /// their indexes and re-checks them against the new map. An empty list
+    /// unmaps guest memory (the VMM went away).
     SetMemTable {
         /// The regions, in the order of their fds.
         regions: Vec<MemoryRegion>,

@@ -22,7 +22,6 @@ pub enum Command {
     /// a TAP, one worker process per queue pair.
     Run(RunArgs),
     /// Internal: a queue pair's worker, started by `qpnet run` only.
-    #[command(hide = false)]
     Worker(WorkerArgs),
     /// Show the per-queue counters and worker state of a running instance.
     Stats(StatsArgs),
@@ -43,7 +42,7 @@ pub struct RunArgs {
     pub tap: String,
     /// Number of queue pairs (1..=16), each served by its own worker
     /// process. Default: the number of CPUs, at most 16.
-    #[arg(long, value_name = "N", value_parser = parse_queue_pairs)]
+    #[arg(long, value_name = "N", value_parser = parse_queue_pairs, allow_negative_numbers = true)]
     pub queue_pairs: Option<u16>,
     /// Connect to a VMM that listens on --socket (retrying until it does)
     /// instead of listening.

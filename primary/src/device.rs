@@ -467,9 +467,9 @@ impl Device {
             if let Some(w) = w.take() {
                 w.shutdown();
             }
-            self.shared
-                .queue(qp)
-                .map(|s| s.set_worker_state(WorkerState::Stopped));
+            if let Some(s) = self.shared.queue(qp) {
+                s.set_worker_state(WorkerState::Stopped);
+            }
         }
     }
 
@@ -582,7 +582,7 @@ impl Device {
         avail: u64,
     ) -> DevResult<()> {
         let i = self.check_index(index)?;
-        if desc % 16 != 0 || avail % 2 != 0 || used % 4 != 0 {
+        if !desc.is_multiple_of(16) || !avail.is_multiple_of(2) || !used.is_multiple_of(4) {
             return refuse(format!(
                 "vring {index}: misaligned ring addresses (desc {desc:#x} needs 16, avail {avail:#x} 2, used {used:#x} 4)"
             ));

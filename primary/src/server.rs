@@ -217,6 +217,18 @@ impl Server {
                     // Refused and already logged; REPLY_ACK told the VMM.
                 }
                 Err(
+                    e @ (VhostError::InactiveFeature(_)
+                    | VhostError::InactiveOperation(_)
+                    | VhostError::InvalidParam),
+                ) => {
+                    // The whole message was read, so the stream is still in
+                    // step. QEMU, for one, sends SET_VRING_ENABLE(0) for the
+                    // queue pairs the guest does not use yet before any
+                    // SET_FEATURES: ignoring it leaves those rings disabled,
+                    // which is what it asked for.
+                    log::warn!("ignored a request the vhost-user state does not allow yet: {e}");
+                }
+                Err(
                     VhostError::Disconnected
                     | VhostError::PartialMessage
                     | VhostError::SocketBroken(_)
