@@ -25,6 +25,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Show the per-queue counters and worker state of a running instance.
     Stats(StatsArgs),
+    /// Ask a running instance to retry the queue pairs it marked failed
+    /// after repeated worker crashes.
+    Retry(RetryArgs),
 }
 
 /// Options of `qpnet run`.
@@ -56,6 +59,28 @@ pub struct RunArgs {
     /// (default: a locally administered address derived from --name).
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     pub mac: Option<[u8; 6]>,
+    /// Base directory for runtime files (default /run/qpnet as root).
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Watchdog: a worker whose heartbeat is older than this while its queue
+    /// pair has work is killed and replaced (0 turns the watchdog off).
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub watchdog_ms: u64,
+    /// Crash-loop guard: a queue pair whose worker dies more than this many
+    /// times within --crash-window-secs is marked failed (0: never).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub crash_limit: u32,
+    /// The window of --crash-limit, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub crash_window_secs: u64,
+}
+
+/// Options of `qpnet retry`.
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    /// Instance name (as given to `qpnet run --name`).
+    #[arg(long, value_name = "NAME", default_value = "qpnet")]
+    pub name: String,
     /// Base directory for runtime files (default /run/qpnet as root).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,

@@ -20,17 +20,19 @@
 //!
 //! If a worker dies, its queue pair is rebuilt on a new worker from this
 //! state; its running rings resume at the used index read from guest memory
-//! (see [`Device::respawn_worker`]).
+//! (see [`Device::resume_rings`]).
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use qpnet_ipc::{MemoryRegion, Reply, Request, RingConfig, RingKind};
 use qpnet_shared::{QueueStats, SharedRegion, WorkerState};
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 
 use crate::features;
+use crate::supervisor::{self, Decision, Policy, QueuePairHealth};
 use crate::tap::Tap;
 use crate::workers::{make_cloexec, Worker};
 
@@ -75,6 +77,8 @@ struct Vring {
     kick: Option<File>,
     call: Option<File>,
     enabled: bool,
+    /// Running in the queue pair's worker, or owed to its next worker (the
+    /// worker died and its replacement has not started yet).
     started: bool,
 }
 
@@ -115,6 +119,8 @@ pub struct Device {
     protocol_features: u64,
     mem: Vec<GuestRegion>,
     vrings: Vec<Vring>,
+    policy: Policy,
+    health: Vec<QueuePairHealth>,
 }
 
 fn ring_bytes(kind: usize, num: u64) -> u64 {
@@ -133,7 +139,7 @@ fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
 
 impl Device {
     /// A device with no VMM yet, its workers started.
-    pub fn new(config: DeviceConfig, tap: Tap, shared: SharedRegion) -> anyhow::Result<Device> {
+    pub fn new(config: DeviceConfig, tap: Tap, shared: SharedRegion, policy: Policy) -> Device {
         let n = config.queue_pairs as usize;
         let mut dev = Device {
             config,
@@ -145,12 +151,13 @@ impl Device {
             protocol_features: 0,
             mem: Vec::new(),
             vrings: (0..2 * n).map(|_| Vring::default()).collect(),
+            policy,
+            health: (0..n).map(|_| QueuePairHealth::default()).collect(),
         };
         for qp in 0..n {
-            let w = dev.start_worker(qp as u16)?;
-            dev.workers[qp] = Some(w);
+            dev.bring_up(qp);
         }
-        Ok(dev)
+        dev
     }
 
     /// Number of queue pairs.
@@ -217,26 +224,41 @@ impl Device {
         (Request::SetMemTable { regions }, fds)
     }
 
-    /// Send a request to the worker of `qp`; if the worker is dead or does
-    /// not answer, replace it (rebuilding its state) and report the failure.
+    /// Send a request to the worker of `qp`. A queue pair waiting out a
+    /// restart back-off gets its worker now (the VMM is waiting). If the
+    /// worker dies or stops answering it is replaced, and with `retry` the
+    /// request is sent once more to the new worker (for requests whose
+    /// effect the new worker must have).
     fn worker_call(
         &mut self,
         qp: usize,
         req: &Request,
         fds: &[BorrowedFd<'_>],
+        retry: bool,
     ) -> DevResult<Reply> {
-        let result = match self.workers[qp].as_mut() {
-            Some(w) => w.request(req, fds),
-            None => Err(anyhow::anyhow!("queue pair {qp} has no worker")),
-        };
-        match result {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                log::error!("{e:#}");
-                self.respawn_worker(qp, "it stopped answering");
-                refuse(format!("worker of queue pair {qp} failed: {e:#}"))
+        if self.workers[qp].is_none() {
+            if self.health[qp].failed {
+                return refuse(format!(
+                    "queue pair {qp} is failed after repeated worker crashes (qpnet retry, or a VMM reconnect, tries again)"
+                ));
+            }
+            self.bring_up(qp);
+        }
+        for attempt in 0..2 {
+            let Some(w) = self.workers[qp].as_mut() else {
+                break;
+            };
+            match w.request(req, fds) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    self.handle_death(qp, &format!("{e:#}"));
+                    if !retry || attempt == 1 {
+                        return refuse(format!("worker of queue pair {qp} failed: {e:#}"));
+                    }
+                }
             }
         }
+        refuse(format!("queue pair {qp} has no worker"))
     }
 
     fn worker_call_ok(
@@ -245,35 +267,30 @@ impl Device {
         req: &Request,
         fds: &[BorrowedFd<'_>],
     ) -> DevResult<()> {
-        match self.worker_call(qp, req, fds)? {
+        match self.worker_call(qp, req, fds, true)? {
             Reply::Ok => Ok(()),
             Reply::Error { message } => refuse(format!("queue pair {qp}: {message}")),
             other => refuse(format!("queue pair {qp}: unexpected reply {other:?}")),
         }
     }
 
-    /// The worker of `qp` has exited or failed: reap it, start a new one and
-    /// give it the queue pair's state; running rings resume at the used index
-    /// found in guest memory, and the guest is signalled once.
-    pub fn respawn_worker(&mut self, qp: usize, why: &str) {
-        if let Some(mut old) = self.workers[qp].take() {
-            old.kill();
-            log::warn!("queue pair {qp}: worker pid {} replaced: {why}", old.pid());
-        }
-        let st = self.stats(qp);
-        st.set_worker_state(WorkerState::Restarting);
-        QueueStats::add(&st.restarts, 1);
+    /// Start a worker for `qp` and hand it the queue pair's rings; on
+    /// failure, treat it as a crash.
+    fn bring_up(&mut self, qp: usize) {
+        self.health[qp].started(Instant::now());
         match self.start_worker(qp as u16) {
-            Ok(w) => self.workers[qp] = Some(w),
-            Err(e) => {
-                log::error!("queue pair {qp}: cannot start a new worker: {e:#}");
-                self.stats(qp).set_worker_state(WorkerState::Failed);
-                for i in [2 * qp, 2 * qp + 1] {
-                    self.vrings[i].started = false;
-                }
-                return;
+            Ok(w) => {
+                self.workers[qp] = Some(w);
+                self.resume_rings(qp);
             }
+            Err(e) => self.handle_death(qp, &format!("could not start: {e:#}")),
         }
+    }
+
+    /// Give a new worker the rings its predecessor ran: each resumes at the
+    /// used index found in guest memory (chains are completed in order), and
+    /// the guest is signalled once in case an interrupt was lost.
+    fn resume_rings(&mut self, qp: usize) {
         for i in [2 * qp, 2 * qp + 1] {
             if !self.vrings[i].started {
                 continue;
@@ -289,13 +306,113 @@ impl Device {
         }
     }
 
+    /// The worker of `qp` died (or must die): reap it, count it, and start a
+    /// new one now, later (back-off), or never (crash loop).
+    fn handle_death(&mut self, qp: usize, why: &str) {
+        let pid = match self.workers[qp].take() {
+            Some(mut old) => {
+                old.kill();
+                old.pid().to_string()
+            }
+            None => "-".into(),
+        };
+        {
+            let st = self.stats(qp);
+            QueueStats::add(&st.restarts, 1);
+            st.pid.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        let decision = self.health[qp].died(Instant::now(), &self.policy);
+        match decision {
+            Decision::RespawnNow => {
+                log::warn!("queue pair {qp}: worker {pid} gone ({why}); starting a new one");
+                self.stats(qp).set_worker_state(WorkerState::Restarting);
+                self.bring_up(qp);
+            }
+            Decision::RespawnAt(at) => {
+                let ms = at.saturating_duration_since(Instant::now()).as_millis();
+                log::warn!(
+                    "queue pair {qp}: worker {pid} gone ({why}); crashing repeatedly, next start in {ms} ms"
+                );
+                self.stats(qp).set_worker_state(WorkerState::Restarting);
+            }
+            Decision::Fail => {
+                log::error!(
+                    "queue pair {qp}: worker {pid} gone ({why}); {} crashes within {:?}: queue pair marked failed, its rings left alone (qpnet retry to try again)",
+                    self.health[qp].recent_deaths(),
+                    self.policy.crash_window
+                );
+                self.stats(qp).set_worker_state(WorkerState::Failed);
+            }
+        }
+    }
+
     /// Called when a worker's pidfd fires: reap and replace it.
     pub fn worker_exited(&mut self, qp: usize) {
         let why = self.workers[qp]
             .as_mut()
             .and_then(|w| w.try_reap())
             .unwrap_or_else(|| "its process ended".into());
-        self.respawn_worker(qp, &why);
+        self.handle_death(qp, &why);
+    }
+
+    /// Periodic supervision: restarts due after a back-off, and the watchdog.
+    pub fn supervise(&mut self) {
+        let now = Instant::now();
+        for qp in 0..self.workers.len() {
+            if self.workers[qp].is_none() {
+                if matches!(self.health[qp].respawn_at, Some(t) if t <= now) {
+                    self.bring_up(qp);
+                }
+                continue;
+            }
+            let hb = QueueStats::get(&self.stats(qp).heartbeat_ns);
+            let age = Duration::from_nanos(monotonic_ns().saturating_sub(hb));
+            if hb != 0 && supervisor::is_wedged(&self.policy, age, || self.has_work(qp)) {
+                self.handle_death(
+                    qp,
+                    &format!(
+                        "wedged: no heartbeat for {} ms while it has work",
+                        age.as_millis()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// When [`Device::supervise`] should run next.
+    pub fn next_supervision(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let backoff = self.health.iter().filter_map(|h| h.respawn_at).min();
+        let tick = self
+            .policy
+            .watchdog
+            .map(|w| now + (w / 4).clamp(Duration::from_millis(20), Duration::from_millis(250)));
+        [backoff, tick].into_iter().flatten().min()
+    }
+
+    /// Whether queue pair `qp` has work a live worker would be doing: TX
+    /// chains not yet used, or TAP frames waiting while RX buffers are posted.
+    fn has_work(&self, qp: usize) -> bool {
+        let pending = |i: usize| {
+            self.vrings[i].started
+                && matches!((self.read_avail_idx(i), self.read_used_idx(i)), (Some(a), Some(u)) if a != u)
+        };
+        if pending(2 * qp + 1) {
+            return true;
+        }
+        pending(2 * qp) && self.tap.queue(qp).is_some_and(|fd| fd_readable(fd.as_fd()))
+    }
+
+    /// Forget crash histories and start workers for failed queue pairs
+    /// (`qpnet retry`, or a new VMM).
+    pub fn retry_failed(&mut self) {
+        for qp in 0..self.workers.len() {
+            if self.health[qp].failed {
+                log::info!("queue pair {qp}: retrying after failure");
+                self.health[qp].clear();
+                self.bring_up(qp);
+            }
+        }
     }
 
     /// The pidfds of the current workers, with their queue pair.
@@ -310,9 +427,17 @@ impl Device {
     /// Read a ring's used index from guest memory through the region's fd
     /// (the primary never maps guest memory).
     fn read_used_idx(&self, index: usize) -> Option<u16> {
-        let addr = self.vrings[index].addr?;
-        let (region, gpa) = self.translate(addr.used, 4)?;
-        let off = region.info.mmap_offset + (gpa - region.info.guest_phys_addr) + 2;
+        self.read_ring_u16(self.vrings[index].addr?.used, 2)
+    }
+
+    /// Read a ring's available index the same way.
+    fn read_avail_idx(&self, index: usize) -> Option<u16> {
+        self.read_ring_u16(self.vrings[index].addr?.avail, 2)
+    }
+
+    fn read_ring_u16(&self, va: u64, offset: u64) -> Option<u16> {
+        let (region, gpa) = self.translate(va, offset + 2)?;
+        let off = region.info.mmap_offset + (gpa - region.info.guest_phys_addr) + offset;
         let mut b = [0u8; 2];
         region.file.read_exact_at(&mut b, off).ok()?;
         Some(u16::from_le_bytes(b))
@@ -357,7 +482,12 @@ impl Device {
         // Marked stopped first: if the worker dies during this call, the
         // replacement must not restart this ring.
         self.vrings[i].started = false;
-        match self.worker_call(qp, &Request::StopRing { kind }, &[]) {
+        let reply = if self.workers[qp].is_some() {
+            self.worker_call(qp, &Request::StopRing { kind }, &[], false)
+        } else {
+            refuse("no worker")
+        };
+        match reply {
             Ok(Reply::RingStopped { next_avail }) => {
                 self.vrings[i].base = next_avail;
                 Ok(())
@@ -365,8 +495,9 @@ impl Device {
             Ok(Reply::Error { message }) => refuse(format!("ring {i}: {message}")),
             Ok(other) => refuse(format!("ring {i}: unexpected reply {other:?}")),
             Err(_) => {
-                // The worker died; chains are completed in order, so the used
-                // index in guest memory is where the ring stopped.
+                // No worker (it died, or is waiting out a back-off); chains
+                // are completed in order, so the used index in guest memory
+                // is where the ring stopped.
                 if let Some(idx) = self.read_used_idx(i) {
                     self.vrings[i].base = idx;
                 }
@@ -454,11 +585,16 @@ impl Device {
         self.features_set = false;
         self.protocol_features = 0;
         for qp in 0..self.workers.len() {
+            if self.workers[qp].is_none() {
+                continue;
+            }
             let req = Request::SetMemTable { regions: vec![] };
             if let Err(e) = self.worker_call_ok(qp, &req, &[]) {
                 log::warn!("reset: {e}");
             }
         }
+        // A new VMM gets a fresh chance for queue pairs given up on.
+        self.retry_failed();
     }
 
     /// Stop every worker (primary shutdown).
@@ -688,6 +824,22 @@ impl Device {
             )),
         }
     }
+}
+
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn fd_readable(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
 }
 
 /// Check a memory table: regions non-empty, no overflow, no overlap in

@@ -10,6 +10,7 @@ mod run;
 mod runtime;
 mod server;
 mod stats_cmd;
+mod supervisor;
 mod tap;
 mod vhost_user;
 mod workers;
@@ -51,6 +52,13 @@ fn main() {
                 }
             }
         }
+        Command::Retry(args) => match run::retry(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("qpnet retry: error: {e:#}");
+                stats_cmd::EXIT_NO_INSTANCE
+            }
+        },
         Command::Stats(args) => match stats_cmd::stats(args) {
             Ok(code) => code,
             Err(e) => {

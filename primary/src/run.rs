@@ -14,6 +14,7 @@ use crate::cli::{self, RunArgs};
 use crate::device::{Device, DeviceConfig};
 use crate::runtime::{self, RuntimeDir};
 use crate::server::{self, Endpoint, Server};
+use crate::supervisor::Policy;
 use crate::tap::{self, Tap};
 use crate::vhost_user::VhostUserDevice;
 
@@ -115,7 +116,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         queue_pairs: qp,
         mac: args.mac.unwrap_or_else(|| cli::mac_from_name(&args.name)),
     };
-    let device = Device::new(config, tap, shared)?;
+    let policy = Policy {
+        watchdog: (args.watchdog_ms > 0)
+            .then(|| std::time::Duration::from_millis(args.watchdog_ms)),
+        crash_limit: args.crash_limit,
+        crash_window: std::time::Duration::from_secs(args.crash_window_secs.max(1)),
+    };
+    let device = Device::new(config, tap, shared, policy);
     eprintln!("{}", qemu_hint(&args, qp));
     let dev = Arc::new(Mutex::new(VhostUserDevice {
         device,
@@ -133,4 +140,27 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     drop(rundir);
     exit.map(|_| ())
+}
+
+/// `qpnet retry`: signal the primary of instance `name` (SIGUSR1) to retry
+/// its failed queue pairs.
+pub fn retry(args: crate::cli::RetryArgs) -> Result<()> {
+    runtime::validate_name(&args.name)?;
+    let base = args
+        .runtime_dir
+        .clone()
+        .unwrap_or_else(runtime::default_base);
+    let dir = runtime::instance_dir(&base, &args.name);
+    let pid = runtime::running_pid(&dir)
+        .with_context(|| format!("no qpnet instance {:?} is running", args.name))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .with_context(|| format!("signalling qpnet primary {pid}"))?;
+    println!(
+        "asked qpnet {:?} (pid {pid}) to retry its failed queue pairs",
+        args.name
+    );
+    Ok(())
 }

@@ -48,6 +48,25 @@ pub fn shm_path(dir: &Path) -> PathBuf {
     dir.join("stats.shm")
 }
 
+/// The pid of the primary holding instance directory `dir`, if one runs
+/// (its lock is held).
+pub fn running_pid(dir: &Path) -> Result<i32> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dir.join("lock"))
+        .with_context(|| format!("{}/lock does not exist", dir.display()))?;
+    // SAFETY: flock on an fd we own; no memory involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        bail!("{}/lock is not held by a running qpnet", dir.display());
+    }
+    let mut pid = String::new();
+    f.read_to_string(&mut pid)?;
+    pid.trim()
+        .parse()
+        .with_context(|| format!("{}/lock holds no pid", dir.display()))
+}
+
 /// A locked runtime directory; removed on drop.
 pub struct RuntimeDir {
     dir: PathBuf,

@@ -49,12 +49,15 @@ pub struct Server {
 }
 
 /// Block the signals the server handles (call before any worker is
-/// spawned: workers restore an empty mask before exec).
+/// spawned: workers restore an empty mask before exec). SIGTERM, SIGINT and
+/// SIGHUP stop the primary; SIGUSR1 (`qpnet retry`) retries failed queue
+/// pairs.
 pub fn block_signals() -> Result<SignalFd> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.add(Signal::SIGHUP);
+    set.add(Signal::SIGUSR1);
     set.thread_block()
         .context("blocking SIGTERM/SIGINT/SIGHUP")?;
     SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
@@ -120,7 +123,16 @@ impl Server {
         pfds.push(ev(self.signals.as_raw_fd()));
         pfds.push(ev(fd.unwrap_or(-1)));
         pfds.extend(pidfds.iter().map(|&(_, f)| ev(f)));
-        let ms = timeout.map(|t| t.as_millis() as libc::c_int).unwrap_or(-1);
+        let deadline = lock(&self.dev).device.next_supervision();
+        let until_deadline =
+            deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        let wait_for = match (timeout, until_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let ms = wait_for
+            .map(|t| t.as_millis().min(i32::MAX as u128) as libc::c_int)
+            .unwrap_or(-1);
         // SAFETY: pfds is a valid array of pollfd for its whole length.
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
         if n < 0 {
@@ -133,7 +145,12 @@ impl Server {
         if pfds[0].revents != 0 {
             if let Ok(Some(info)) = self.signals.read_signal() {
                 let sig = Signal::try_from(info.ssi_signo as i32).unwrap_or(Signal::SIGTERM);
-                return Ok(Wake::Signal(sig));
+                if sig == Signal::SIGUSR1 {
+                    log::info!("SIGUSR1: retrying failed queue pairs");
+                    lock(&self.dev).device.retry_failed();
+                } else {
+                    return Ok(Wake::Signal(sig));
+                }
             }
         }
         for (k, &(qp, _)) in pidfds.iter().enumerate() {
@@ -141,6 +158,7 @@ impl Server {
                 lock(&self.dev).device.worker_exited(qp);
             }
         }
+        lock(&self.dev).device.supervise();
         if fd.is_some() && pfds[1].revents != 0 {
             return Ok(Wake::Ready);
         }

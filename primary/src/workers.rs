@@ -111,13 +111,9 @@ impl Worker {
         )? {
             Reply::Hello { version, .. } if version == PROTOCOL_VERSION => Ok(worker),
             Reply::Hello { version, .. } => {
-                worker.kill();
                 bail!("worker speaks control protocol {version}, primary {PROTOCOL_VERSION}")
             }
-            other => {
-                worker.kill();
-                bail!("worker answered hello with {other:?}")
-            }
+            other => bail!("worker answered hello with {other:?}"),
         }
     }
 
@@ -176,8 +172,11 @@ impl Worker {
         self.kill();
     }
 
-    /// Kill the worker with SIGKILL and reap it.
+    /// Kill the worker with SIGKILL and reap it (no-op once reaped).
     pub fn kill(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -188,6 +187,15 @@ impl Worker {
             Ok(Some(status)) => Some(describe_exit(status)),
             _ => None,
         }
+    }
+}
+
+impl Drop for Worker {
+    /// A worker handle never outlives its process: dropping it (on any
+    /// error path too) kills and reaps the process, so no zombie or stray
+    /// worker is left behind.
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -4,7 +4,7 @@
 //! Single-threaded by design: a control request is handled between two
 //! batches, so when it changes memory or rings nothing is in flight. Each
 //! loop turn publishes the heartbeat, waits for events (not at all when TX
-//! work is pending from an exhausted budget, one second at most otherwise
+//! work is pending from an exhausted budget, 250 ms at most otherwise
 //! so the heartbeat keeps ticking), handles at most one control request,
 //! runs TX and RX as their events ask, then publishes the counters.
 //!
@@ -32,7 +32,7 @@ use crate::tx::{TxOutcome, TxPath};
 /// Chains (TX) or frames (RX) handled per run before other work gets a turn.
 const BUDGET: usize = 256;
 /// Longest sleep of the loop, so the heartbeat keeps moving when idle.
-const IDLE_WAIT_MS: u16 = 1000;
+const IDLE_WAIT_MS: u16 = 250;
 
 const TOKEN_CONTROL: u64 = 0;
 const TOKEN_TAP: u64 = 1;
@@ -42,10 +42,26 @@ const TOKEN_TX_KICK: u64 = 3;
 /// Serve queue pair `queue_pair` over the control socket `control` until
 /// told to stop or the primary goes away.
 pub fn run_worker(queue_pair: u16, control: OwnedFd) -> anyhow::Result<()> {
+    crash_if_told(queue_pair);
     let channel = Channel::from_fd(control).context("control fd")?;
     let mut worker = Worker::new(queue_pair, channel)?;
     info!("qp{queue_pair}: worker {} started", std::process::id());
     worker.run()
+}
+
+/// Test-only fault hook: `QPNET_TEST_WORKER_FAULT=crash-on-start:Q[,Q...]`
+/// in the primary's environment makes the workers of those queue pairs abort
+/// as soon as they start (a crash loop on demand for the supervision tests).
+fn crash_if_told(queue_pair: u16) {
+    let Ok(spec) = std::env::var("QPNET_TEST_WORKER_FAULT") else {
+        return;
+    };
+    if let Some(list) = spec.strip_prefix("crash-on-start:") {
+        if list.split(',').any(|q| q.trim().parse() == Ok(queue_pair)) {
+            error!("qp{queue_pair}: QPNET_TEST_WORKER_FAULT says crash on start: aborting");
+            std::process::abort();
+        }
+    }
 }
 
 /// What the loop does after a control request.
