@@ -1,9 +1,12 @@
 //! The `#[repr(C)]` layout of the shared region.
 //!
 //! ```text
-//! offset 0            RegionHeader   (one cache line)
-//! offset 64           QueueStats[0]  (QUEUE_STATS_SIZE bytes, cache-line aligned)
+//! offset 0            RegionHeader   (3 cache lines: identity, flow table
+//!                                     geometry, flow table counters)
+//! offset 192          QueueStats[0]  (QUEUE_STATS_SIZE bytes, cache-line aligned)
 //! ...                 QueueStats[queue_pairs - 1]
+//! flow.offset         Stripe[flow.stripes]     (page aligned; see flow_table.rs)
+//!                     FlowSlot[flow.capacity]
 //! ```
 //!
 //! The header's magic, layout version and sizes are checked on every attach;
@@ -14,7 +17,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// "QPNETSHM" as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"QPNETSHM");
 /// Version of this layout; bumped on any incompatible change.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Most queue pairs a region (and a qpnet instance) can have.
 pub const MAX_QUEUE_PAIRS: usize = 16;
 
@@ -40,6 +43,55 @@ pub struct RegionHeader {
     pub vmm_connected: AtomicU32,
     /// Number of VMM connections served so far.
     pub vmm_connections: AtomicU64,
+    /// Where the flow table is and how it is shaped (written once, by the
+    /// primary, before the magic).
+    pub flow: FlowGeometryHeader,
+    /// Flow table events, for `qpnet stats` (atomics, any process adds).
+    pub flow_counters: FlowCounters,
+}
+
+/// The flow table's geometry as published in the header. Attach checks it
+/// against this build's layout and the file's length before any stripe or
+/// slot is touched.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct FlowGeometryHeader {
+    /// Byte offset of the first stripe from the start of the region.
+    pub offset: AtomicU64,
+    /// Number of entries (a power of two).
+    pub capacity: AtomicU32,
+    /// Number of lock stripes (`capacity / slots_per_stripe`).
+    pub stripes: AtomicU32,
+    /// Entries per stripe.
+    pub slots_per_stripe: AtomicU32,
+    /// `size_of` one stripe header of the writer.
+    pub stripe_size: AtomicU32,
+    /// `size_of` one entry of the writer.
+    pub slot_size: AtomicU32,
+    /// Reserved, zero.
+    pub reserved: AtomicU32,
+    /// Secret seed of the keyed hash that places flows (random per region).
+    pub hash_seed: [AtomicU64; 2],
+}
+
+/// Flow table events that are rare enough to count in one shared place.
+/// Per-stripe insert/remove counts live in the stripes; per-queue-pair flow
+/// counts in [`QueueStats`].
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct FlowCounters {
+    /// Stripes repaired after their lock holder died (EOWNERDEAD).
+    pub repairs: AtomicU64,
+    /// New flows refused because both their stripes were full.
+    pub refused: AtomicU64,
+    /// Lock waits that hit their bound (holder stopped or very slow).
+    pub lock_timeouts: AtomicU64,
+    /// Lock attempts that failed outright (corrupt or unrecoverable lock).
+    pub lock_failures: AtomicU64,
+    /// Entries found invalid (garbage, torn beyond repair) and freed.
+    pub scrubbed: AtomicU64,
+    /// Flows removed because their owner queue pair is gone (primary).
+    pub owner_gone_removed: AtomicU64,
 }
 
 /// What a queue pair's worker is doing, as published in [`QueueStats::state`].
@@ -128,6 +180,18 @@ pub struct QueueStats {
     pub pid: AtomicU32,
     /// A [`WorkerState`] value.
     pub state: AtomicU32,
+    /// Flows this queue pair's worker created in the flow table.
+    pub flows_created: AtomicU64,
+    /// Flows this queue pair's worker expired (idle past their timeout).
+    pub flows_expired: AtomicU64,
+    /// Frames forwarded without flow tracking: the table was full (or a
+    /// stripe lock could not be had in time).
+    pub flow_untracked_frames: AtomicU64,
+    /// Frames with no flow key (not IP, truncated or malformed headers).
+    pub flow_unparsed_frames: AtomicU64,
+    /// Frames seen on this queue pair whose flow was owned by another one
+    /// (flow affinity misses; counted per burst, see flow_cache.rs).
+    pub flow_affinity_misses: AtomicU64,
 }
 
 impl QueueStats {
@@ -155,6 +219,11 @@ impl QueueStats {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<RegionHeader>() == 64);
-const _: () = assert!(std::mem::size_of::<QueueStats>() % 64 == 0);
+const _: () = assert!(std::mem::size_of::<RegionHeader>() == 192);
+const _: () = assert!(std::mem::offset_of!(RegionHeader, flow) == 64);
+const _: () = assert!(std::mem::offset_of!(RegionHeader, flow_counters) == 128);
+const _: () = assert!(std::mem::size_of::<FlowGeometryHeader>() == 64);
+const _: () = assert!(std::mem::size_of::<FlowCounters>() == 64);
+const _: () = assert!(std::mem::size_of::<QueueStats>() == 192);
+const _: () = assert!(std::mem::size_of::<QueueStats>().is_multiple_of(64));
 const _: () = assert!(std::mem::align_of::<QueueStats>() == 64);

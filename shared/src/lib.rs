@@ -2,15 +2,41 @@
 //!
 //! One region per qpnet instance, created by the primary as a file on the
 //! runtime directory's tmpfs (so `qpnet stats` can map it read-only) and
-//! handed to every worker as an fd. It holds a versioned header and one
-//! cache-line aligned block of counters per queue pair. Every counter is an
-//! atomic written by exactly one process (the queue pair's worker, or the
-//! primary for supervision fields), so no lock is ever taken to update or to
-//! read it.
+//! handed to every worker as an fd. It holds a versioned header, one
+//! cache-line aligned block of counters per queue pair, and the flow table.
+//! Every counter is an atomic written by exactly one process (the queue
+//! pair's worker, or the primary for supervision fields), so no lock is ever
+//! taken to update or to read it. The flow table is changed under striped
+//! robust mutexes that survive a holder killed at any instant, and read
+//! without locks (see flow_table.rs, "Theory of operation").
 #![deny(missing_docs)]
 
+mod flow_cache;
+mod flow_key;
+mod flow_slot;
+mod flow_table;
 mod layout;
 mod region;
+mod robust_mutex;
+pub mod test_hooks;
 
-pub use layout::{QueueStats, RegionHeader, WorkerState, LAYOUT_VERSION, MAGIC, MAX_QUEUE_PAIRS};
+#[cfg(test)]
+mod multiprocess_tests;
+
+pub use flow_cache::{FlowCache, FlushReport, MAX_PENDING_FLOWS};
+pub use flow_key::{
+    hash_words, protocol, tcp_flags, Direction, Family, FlowKey, ParseError, ParsedFrame,
+    FLOW_HEADROOM, KEY_WORDS,
+};
+pub use flow_slot::{FlowSnapshot, FlowState, FlowTimeouts, FlowUpdate, SlotBusy, SlotRef};
+pub use flow_table::{
+    monotonic_ns, AuditReport, FlowError, FlowIter, FlowReader, FlowTable, FlowTableCounters,
+    Recorded, SweepReport, DEFAULT_FLOW_CAPACITY, DEFAULT_LOCK_WAIT, MAX_FLOW_CAPACITY,
+    MIN_FLOW_CAPACITY, SLOTS_PER_STRIPE,
+};
+pub use layout::{
+    FlowCounters, FlowGeometryHeader, QueueStats, RegionHeader, WorkerState, LAYOUT_VERSION, MAGIC,
+    MAX_QUEUE_PAIRS,
+};
 pub use region::{RegionError, SharedRegion};
+pub use robust_mutex::{LockError, LockWait};

@@ -1,4 +1,10 @@
 //! Creating, attaching and checking the shared region.
+//!
+//! The primary creates the region (file on the runtime directory's tmpfs),
+//! initialises the flow table's stripe mutexes and publishes the magic
+//! last. Every attach (worker, `qpnet stats`) checks the header's version,
+//! sizes and flow table geometry against this build and the file's length
+//! before handing out a single reference into it.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -8,6 +14,10 @@ use std::sync::atomic::Ordering;
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
+use crate::flow_table::{
+    FlowGeometry, FlowReader, FlowTable, DEFAULT_FLOW_CAPACITY, MAX_FLOW_CAPACITY,
+    MIN_FLOW_CAPACITY, SLOTS_PER_STRIPE, SLOT_SIZE, STRIPE_SIZE,
+};
 use crate::layout::{QueueStats, RegionHeader, LAYOUT_VERSION, MAGIC, MAX_QUEUE_PAIRS};
 
 /// Why a region could not be created or attached.
@@ -58,16 +68,53 @@ pub struct SharedRegion {
     map: Map,
     file: File,
     queue_pairs: usize,
+    flow: FlowGeometry,
 }
 
-fn region_size(queue_pairs: usize) -> usize {
+/// Bytes of the header and the queue blocks.
+fn stats_size(queue_pairs: usize) -> usize {
     std::mem::size_of::<RegionHeader>() + queue_pairs * std::mem::size_of::<QueueStats>()
+}
+
+/// Where the flow table starts: the first page after the queue blocks.
+fn flow_offset(queue_pairs: usize) -> usize {
+    stats_size(queue_pairs).next_multiple_of(4096)
+}
+
+/// Random hash seed for a new region's flow table.
+fn random_seed() -> [u64; 2] {
+    let mut bytes = [0u8; 16];
+    // SAFETY: `bytes` is a valid buffer of the given length.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got != bytes.len() as isize {
+        // No entropy source: fall back to something per-instance. The seed
+        // only spreads flows; it guards no secret.
+        let t = crate::flow_table::monotonic_ns() ^ u64::from(std::process::id()) << 32;
+        bytes[..8].copy_from_slice(&t.to_le_bytes());
+        bytes[8..].copy_from_slice(&t.rotate_left(29).to_le_bytes());
+    }
+    let (a, b) = bytes.split_at(8);
+    [
+        u64::from_le_bytes(a.try_into().unwrap_or_default()),
+        u64::from_le_bytes(b.try_into().unwrap_or_default()),
+    ]
 }
 
 impl SharedRegion {
     /// Create (or truncate and re-create) the region file at `path`, mode 0600,
-    /// initialised for `queue_pairs` queue pairs.
+    /// initialised for `queue_pairs` queue pairs and a flow table of
+    /// [`DEFAULT_FLOW_CAPACITY`] entries.
     pub fn create(path: &Path, queue_pairs: usize) -> Result<SharedRegion, RegionError> {
+        Self::create_with(path, queue_pairs, DEFAULT_FLOW_CAPACITY)
+    }
+
+    /// [`SharedRegion::create`] with a flow table of `flow_capacity` entries
+    /// (a power of two, 64 ..= 4Mi).
+    pub fn create_with(
+        path: &Path,
+        queue_pairs: usize,
+        flow_capacity: usize,
+    ) -> Result<SharedRegion, RegionError> {
         let io = |what, source| RegionError::Io {
             what,
             path: path.display().to_string(),
@@ -78,6 +125,18 @@ impl SharedRegion {
                 "{queue_pairs} queue pairs (1..={MAX_QUEUE_PAIRS})"
             )));
         }
+        if !FlowGeometry::capacity_ok(flow_capacity) {
+            return Err(RegionError::Layout(format!(
+                "flow capacity {flow_capacity} (a power of two, \
+                 {MIN_FLOW_CAPACITY}..={MAX_FLOW_CAPACITY})"
+            )));
+        }
+        let flow = FlowGeometry {
+            offset: flow_offset(queue_pairs),
+            capacity: flow_capacity,
+            stripes: flow_capacity / SLOTS_PER_STRIPE,
+            seed: random_seed(),
+        };
         let _ = std::fs::remove_file(path);
         let file = OpenOptions::new()
             .read(true)
@@ -87,7 +146,7 @@ impl SharedRegion {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| io("create", e))?;
-        let size = region_size(queue_pairs);
+        let size = flow.offset + FlowGeometry::bytes(flow_capacity);
         file.set_len(size as u64).map_err(|e| io("size", e))?;
         // SAFETY: the file was just created by us with exactly `size` bytes and
         // is only ever resized by re-creation; all access goes through atomics.
@@ -97,7 +156,9 @@ impl SharedRegion {
             map: Map::Rw(map),
             file,
             queue_pairs,
+            flow,
         };
+        region.init_flow_locks()?;
         let h = region.header();
         h.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
         h.header_size.store(
@@ -109,6 +170,17 @@ impl SharedRegion {
         h.queue_pairs.store(queue_pairs as u32, Ordering::Relaxed);
         h.generation.fetch_add(1, Ordering::Relaxed);
         h.primary_pid.store(std::process::id(), Ordering::Relaxed);
+        let g = &h.flow;
+        g.offset.store(flow.offset as u64, Ordering::Relaxed);
+        g.capacity.store(flow.capacity as u32, Ordering::Relaxed);
+        g.stripes.store(flow.stripes as u32, Ordering::Relaxed);
+        g.slots_per_stripe
+            .store(SLOTS_PER_STRIPE as u32, Ordering::Relaxed);
+        g.stripe_size.store(STRIPE_SIZE as u32, Ordering::Relaxed);
+        g.slot_size.store(SLOT_SIZE as u32, Ordering::Relaxed);
+        for (dst, v) in g.hash_seed.iter().zip(flow.seed) {
+            dst.store(v, Ordering::Relaxed);
+        }
         // Magic last: a reader that sees it sees a complete header.
         h.magic.store(MAGIC, Ordering::Release);
         Ok(region)
@@ -171,9 +243,75 @@ impl SharedRegion {
             map,
             file,
             queue_pairs: 0,
+            flow: FlowGeometry {
+                offset: 0,
+                capacity: 0,
+                stripes: 0,
+                seed: [0; 2],
+            },
         };
         region.queue_pairs = region.validate(len)?;
+        region.flow = region.validate_flow(len)?;
         Ok(region)
+    }
+
+    /// Initialise every stripe's robust mutex (fresh file, not yet
+    /// published: nobody else can reach it).
+    fn init_flow_locks(&self) -> Result<(), RegionError> {
+        let table = FlowReader::new(self, self.flow);
+        for s in 0..self.flow.stripes {
+            // SAFETY: the file was created by this process a moment ago and
+            // the magic is not yet published: nobody else uses the locks.
+            unsafe { table.init_stripe_lock(s) }.map_err(|e| {
+                RegionError::Layout(format!("initialising flow table lock {s}: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn validate_flow(&self, len: usize) -> Result<FlowGeometry, RegionError> {
+        let g = &self.header().flow;
+        let offset = g.offset.load(Ordering::Relaxed);
+        let capacity = g.capacity.load(Ordering::Relaxed) as usize;
+        let stripes = g.stripes.load(Ordering::Relaxed) as usize;
+        let sizes = (
+            g.slots_per_stripe.load(Ordering::Relaxed) as usize,
+            g.stripe_size.load(Ordering::Relaxed) as usize,
+            g.slot_size.load(Ordering::Relaxed) as usize,
+        );
+        if sizes != (SLOTS_PER_STRIPE, STRIPE_SIZE, SLOT_SIZE) {
+            return Err(RegionError::Layout(format!(
+                "flow table sizes (slots per stripe, stripe, slot) {sizes:?}, expected {:?}",
+                (SLOTS_PER_STRIPE, STRIPE_SIZE, SLOT_SIZE)
+            )));
+        }
+        if !FlowGeometry::capacity_ok(capacity) || stripes != capacity / SLOTS_PER_STRIPE {
+            return Err(RegionError::Layout(format!(
+                "flow table of {capacity} entries in {stripes} stripes"
+            )));
+        }
+        let offset = usize::try_from(offset)
+            .ok()
+            .filter(|&o| o % 4096 == 0 && o >= stats_size(self.queue_pairs))
+            .ok_or_else(|| RegionError::Layout(format!("flow table offset {offset}")))?;
+        let needed = offset
+            .checked_add(FlowGeometry::bytes(capacity))
+            .ok_or_else(|| RegionError::Layout("flow table size overflows".into()))?;
+        if len < needed {
+            return Err(RegionError::TooSmall {
+                needed,
+                actual: len,
+            });
+        }
+        Ok(FlowGeometry {
+            offset,
+            capacity,
+            stripes,
+            seed: [
+                g.hash_seed[0].load(Ordering::Relaxed),
+                g.hash_seed[1].load(Ordering::Relaxed),
+            ],
+        })
     }
 
     fn validate(&self, len: usize) -> Result<usize, RegionError> {
@@ -201,16 +339,16 @@ impl SharedRegion {
         if qp == 0 || qp > MAX_QUEUE_PAIRS {
             return Err(RegionError::Layout(format!("{qp} queue pairs")));
         }
-        if len < region_size(qp) {
+        if len < stats_size(qp) {
             return Err(RegionError::TooSmall {
-                needed: region_size(qp),
+                needed: stats_size(qp),
                 actual: len,
             });
         }
         Ok(qp)
     }
 
-    fn base(&self) -> *const u8 {
+    pub(crate) fn base(&self) -> *const u8 {
         match &self.map {
             Map::Rw(m) => m.as_ptr(),
             Map::Ro(m) => m.as_ptr(),
@@ -239,6 +377,21 @@ impl SharedRegion {
         // blocks after the header; offsets are multiples of 64 from a page
         // aligned base, and QueueStats is repr(C) of atomics.
         Some(unsafe { &*(self.base().add(off) as *const QueueStats) })
+    }
+
+    /// The flow table's lock-free read side (lookups, iteration, counters).
+    /// Works on every mapping, including `qpnet stats`'s read-only one.
+    pub fn flows(&self) -> FlowReader<'_> {
+        FlowReader::new(self, self.flow)
+    }
+
+    /// The flow table for changing it (workers, the primary); `None` on a
+    /// read-only mapping.
+    pub fn flow_table(&self) -> Option<FlowTable<'_>> {
+        match self.map {
+            Map::Rw(_) => Some(FlowTable::new(self.flows())),
+            Map::Ro(_) => None,
+        }
     }
 
     /// The underlying file, to pass to a worker.
@@ -283,7 +436,7 @@ mod tests {
     #[test]
     fn garbage_and_short_files_refused() {
         let p = tmp("c");
-        std::fs::write(&p, vec![7u8; 100]).unwrap();
+        std::fs::write(&p, vec![7u8; 300]).unwrap();
         assert!(matches!(
             SharedRegion::open_read_only(&p),
             Err(RegionError::BadMagic)
@@ -304,6 +457,44 @@ mod tests {
         assert!(matches!(
             SharedRegion::open_read_only(&p),
             Err(RegionError::TooSmall { .. })
+        ));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn flow_table_geometry_checked() {
+        let p = tmp("e");
+        for bad in [0, 32, 100, 3 << 10, MAX_FLOW_CAPACITY * 2] {
+            assert!(
+                matches!(
+                    SharedRegion::create_with(&p, 1, bad),
+                    Err(RegionError::Layout(_))
+                ),
+                "capacity {bad} accepted"
+            );
+        }
+        let r = SharedRegion::create_with(&p, 2, 1024).unwrap();
+        assert_eq!(r.flows().capacity(), 1024);
+        assert_eq!(r.flows().stripe_count(), 16);
+        // A file cut inside the flow table is refused.
+        let full = r.file.metadata().unwrap().len();
+        r.file.set_len(full - 1).unwrap();
+        assert!(matches!(
+            SharedRegion::open_read_only(&p),
+            Err(RegionError::TooSmall { .. })
+        ));
+        r.file.set_len(full).unwrap();
+        // So is a header whose geometry does not add up.
+        r.header().flow.stripes.store(15, Ordering::Relaxed);
+        assert!(matches!(
+            SharedRegion::open_read_only(&p),
+            Err(RegionError::Layout(_))
+        ));
+        r.header().flow.stripes.store(16, Ordering::Relaxed);
+        r.header().flow.offset.store(64, Ordering::Relaxed);
+        assert!(matches!(
+            SharedRegion::open_read_only(&p),
+            Err(RegionError::Layout(_))
         ));
         std::fs::remove_file(p).unwrap();
     }
