@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; bumped on any incompatible change of the types
 /// below. Checked by both sides in the hello exchange.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The fd number at which a worker finds its control socket after `exec`.
 pub const WORKER_CONTROL_FD: i32 = 3;
@@ -100,8 +100,11 @@ pub enum Request {
     },
     /// The TAP queue fd of this queue pair follows.
     AttachTap,
-    /// The shared region's fd follows (counters, heartbeat).
-    AttachShared,
+    /// The shared region's fd follows (counters, heartbeat, flow table).
+    AttachShared {
+        /// Record every frame's flow in the region's flow table.
+        flow_tracking: bool,
+    },
     /// Start processing one ring. Kick (and call) eventfds follow.
     StartRing(RingConfig),
     /// Stop processing one ring; the reply is [`Reply::RingStopped`].

@@ -73,6 +73,13 @@ pub struct RunArgs {
     /// The window of --crash-limit, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub crash_window_secs: u64,
+    /// Capacity of the shared flow table (a power of two).
+    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = parse_flow_capacity)]
+    pub flow_capacity: u32,
+    /// Do not track flows (frames are forwarded the same; the flow table
+    /// stays empty). For measuring what tracking costs.
+    #[arg(long)]
+    pub no_flow_tracking: bool,
 }
 
 /// Options of `qpnet retry`.
@@ -104,8 +111,18 @@ pub struct StatsArgs {
     #[arg(long, value_name = "NAME", default_value = "qpnet")]
     pub name: String,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prometheus")]
     pub json: bool,
+    /// Print the Prometheus text exposition format instead of a table.
+    #[arg(long)]
+    pub prometheus: bool,
+    /// Print again every SECS seconds (fractions allowed), with rates per
+    /// second, until interrupted.
+    #[arg(long, value_name = "SECS")]
+    pub watch: Option<f64>,
+    /// How many flows to list, largest first (0: none).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
     /// Base directory for runtime files (default /run/qpnet as root).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
@@ -116,6 +133,15 @@ fn parse_queue_pairs(s: &str) -> Result<u16, String> {
         Ok(n) if (1..=16).contains(&n) => Ok(n),
         _ => Err(format!(
             "queue pairs must be between 1 and 16 (1..=16), got {s:?}"
+        )),
+    }
+}
+
+fn parse_flow_capacity(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && (64..=(1 << 22)).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "flow capacity must be a power of two from 64 to 4194304, got {s:?}"
         )),
     }
 }

@@ -59,6 +59,8 @@ pub struct DeviceConfig {
     pub queue_pairs: u16,
     /// MAC address reported in the config space.
     pub mac: [u8; 6],
+    /// Whether workers record flows in the shared flow table.
+    pub flow_tracking: bool,
 }
 
 /// Ring addresses in the VMM's virtual address space.
@@ -182,7 +184,12 @@ impl Device {
         let st = self.stats(qp as usize);
         st.set_worker_state(WorkerState::Starting);
         let mut w = Worker::spawn(qp)?;
-        w.request_ok(&Request::AttachShared, &[self.shared.fd()])?;
+        w.request_ok(
+            &Request::AttachShared {
+                flow_tracking: self.config.flow_tracking,
+            },
+            &[self.shared.fd()],
+        )?;
         let tap_fd = self
             .tap
             .queue(qp as usize)
@@ -316,6 +323,7 @@ impl Device {
             }
             None => "-".into(),
         };
+        self.repair_flow_table();
         {
             let st = self.stats(qp);
             QueueStats::add(&st.restarts, 1);
@@ -342,6 +350,23 @@ impl Device {
                     self.policy.crash_window
                 );
                 self.stats(qp).set_worker_state(WorkerState::Failed);
+                if let Some(t) = self.shared.flow_table() {
+                    let r = t.remove_owned_by(qp);
+                    log::info!("queue pair {qp}: {} of its flows removed", r.removed);
+                }
+            }
+        }
+    }
+
+    /// A worker died, possibly inside a flow-table critical section: repair
+    /// any stripe it left locked now instead of by its next user.
+    fn repair_flow_table(&self) {
+        if let Some(t) = self.shared.flow_table() {
+            let repaired = t.recover_abandoned();
+            if repaired > 0 {
+                log::warn!(
+                    "flow table: {repaired} stripe(s) left locked by a dead worker repaired"
+                );
             }
         }
     }

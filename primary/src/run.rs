@@ -95,8 +95,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let signals = server::block_signals()?;
     let tap = Tap::open(&args.tap, qp as usize)?;
-    let shared = SharedRegion::create(&runtime::shm_path(rundir.path()), qp as usize)
-        .context("creating the shared region")?;
+    let shared = SharedRegion::create_with(
+        &runtime::shm_path(rundir.path()),
+        qp as usize,
+        args.flow_capacity as usize,
+    )
+    .context("creating the shared region")?;
     let endpoint = if args.connect {
         Endpoint::Connect(args.socket.clone())
     } else {
@@ -115,6 +119,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let config = DeviceConfig {
         queue_pairs: qp,
         mac: args.mac.unwrap_or_else(|| cli::mac_from_name(&args.name)),
+        flow_tracking: !args.no_flow_tracking,
     };
     let policy = Policy {
         watchdog: (args.watchdog_ms > 0)

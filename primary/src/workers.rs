@@ -225,7 +225,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::SetFeatures { .. } => "set-features",
         Request::SetMemTable { .. } => "set-mem-table",
         Request::AttachTap => "attach-tap",
-        Request::AttachShared => "attach-shared",
+        Request::AttachShared { .. } => "attach-shared",
         Request::StartRing(_) => "start-ring",
         Request::StopRing { .. } => "stop-ring",
         Request::Shutdown => "shutdown",

@@ -92,6 +92,13 @@ impl StatsHome {
             .unwrap_or(&self.private)
     }
 
+    /// The shared flow table, once the region is attached.
+    pub fn flow_table(&self) -> Option<qpnet_shared::FlowTable<'_>> {
+        self.shared
+            .as_ref()
+            .and_then(|(region, _)| region.flow_table())
+    }
+
     /// Publish the heartbeat: CLOCK_MONOTONIC nanoseconds.
     pub fn beat(&self) {
         self.stats()

@@ -116,6 +116,44 @@ impl IoVecs {
     }
 }
 
+impl IoVecs {
+    /// Copy up to `out.len()` bytes from byte `offset` of the area the
+    /// entries `entries` describe into `out`; returns how many were copied
+    /// (fewer when the area ends first).
+    pub fn read_at(&self, entries: Range<usize>, offset: usize, out: &mut [u8]) -> usize {
+        let Some(list) = self.list.get(entries) else {
+            return 0;
+        };
+        let mut skip = offset;
+        let mut done = 0;
+        for v in list {
+            if done == out.len() {
+                break;
+            }
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            let n = (out.len() - done).min(v.iov_len - skip);
+            // SAFETY: every iovec points into a live guest-memory mapping of
+            // at least `iov_len` bytes and `skip + n <= iov_len`; `out` is
+            // our own buffer with room for `n` more bytes. The guest may
+            // write these bytes concurrently (it must not, but may be
+            // hostile): we only copy them out and parse our copy.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base.cast::<u8>().add(skip),
+                    out.as_mut_ptr().add(done),
+                    n,
+                )
+            };
+            done += n;
+            skip = 0;
+        }
+        done
+    }
+}
+
 /// A frame needed more than [`MAX_IOVECS`] host segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("more than {MAX_IOVECS} memory segments")]

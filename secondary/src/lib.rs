@@ -10,13 +10,14 @@
 //!
 //! A frame's whole trip is readable here: [`worker`](crate::run_worker)
 //! (epoll loop, control requests) -> `tx` (ring -> TAP) / `rx` (TAP -> ring),
-//! through `ring` (virtqueue and notifications), `chain` (descriptor
+//! through `ring` (virtqueue and notifications), `flows` (flow tracking), `chain` (descriptor
 //! walking), `guest_memory` (mapping and address translation), `tap`.
 #![deny(missing_docs)]
 
 mod chain;
 mod counters;
 mod features;
+mod flows;
 mod guest_memory;
 mod iovecs;
 mod ring;

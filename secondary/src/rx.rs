@@ -44,10 +44,12 @@ use log::warn;
 use crate::chain::{walk_chain, Access, ChainError};
 use crate::counters::LocalCounters;
 use crate::features::{NetFeatures, NUM_BUFFERS_OFFSET};
+use crate::flows::FlowTracker;
 use crate::guest_memory::{GuestMemoryMap, TranslateError};
 use crate::iovecs::IoVecs;
 use crate::ring::{Ring, RingFault};
 use crate::tap::Tap;
+use qpnet_shared::Direction;
 
 /// How an RX run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +149,9 @@ impl RxPath {
     }
 
     /// Move up to `budget` frames from `tap` into `ring`.
+    // Each argument is a separate borrow of a worker field (ring, memory,
+    // TAP, counters, flows); a struct of borrows would only be rebuilt per run.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
         ring: &mut Ring,
@@ -154,9 +159,10 @@ impl RxPath {
         tap: &Tap,
         features: &NetFeatures,
         counters: &mut LocalCounters,
+        flows: &mut FlowTracker,
         budget: usize,
     ) -> Result<RxOutcome, RingFault> {
-        let result = self.receive_frames(ring, mem, tap, features, counters, budget);
+        let result = self.receive_frames(ring, mem, tap, features, counters, flows, budget);
         self.give_back(ring);
         let signalled = ring.signal_guest(mem);
         let (outcome, moved) = result?;
@@ -180,6 +186,9 @@ impl RxPath {
         self.held.is_some()
     }
 
+    // Each argument is a separate borrow of a worker field (ring, memory,
+    // TAP, counters, flows); a struct of borrows would only be rebuilt per run.
+    #[allow(clippy::too_many_arguments)]
     fn receive_frames(
         &mut self,
         ring: &mut Ring,
@@ -187,6 +196,7 @@ impl RxPath {
         tap: &Tap,
         features: &NetFeatures,
         counters: &mut LocalCounters,
+        flows: &mut FlowTracker,
         budget: usize,
     ) -> Result<(RxOutcome, usize), RingFault> {
         let mut moved = 0;
@@ -199,9 +209,11 @@ impl RxPath {
             };
             let buffers = self.gather(ring, mem, features, counters, need)?;
             let received = match (buffers, self.held) {
-                (Gather::Ready, None) => self.receive_one(ring, mem, tap, features, counters)?,
+                (Gather::Ready, None) => {
+                    self.receive_one(ring, mem, tap, features, counters, flows)?
+                }
                 (Gather::Ready, Some(len)) => {
-                    self.deliver_held(ring, mem, len, features, counters)?
+                    self.deliver_held(ring, mem, len, features, counters, flows)?
                 }
                 (Gather::Short | Gather::Blocked, None) => {
                     self.read_bounce(tap, features, counters)
@@ -283,12 +295,13 @@ impl RxPath {
         len: usize,
         features: &NetFeatures,
         counters: &mut LocalCounters,
+        flows: &mut FlowTracker,
     ) -> Result<Received, RingFault> {
         let from = self.first_iovec();
         let end = self.iovecs.len();
         self.iovecs.write_at(from..end, 0, &self.bounce[..len]);
         self.held = None;
-        self.complete_frame(ring, mem, len as u64, features, counters)?;
+        self.complete_frame(ring, mem, len as u64, features, counters, flows)?;
         Ok(Received::Frame)
     }
 
@@ -380,6 +393,7 @@ impl RxPath {
         tap: &Tap,
         features: &NetFeatures,
         counters: &mut LocalCounters,
+        flows: &mut FlowTracker,
     ) -> Result<Received, RingFault> {
         let from = self.first_iovec();
         let n = match tap.read_frame(&self.iovecs, from) {
@@ -406,7 +420,7 @@ impl RxPath {
             self.dropped(format_args!("TAP gave a {n}-byte frame"));
             return Ok(Received::Frame);
         }
-        self.complete_frame(ring, mem, n, features, counters)?;
+        self.complete_frame(ring, mem, n, features, counters, flows)?;
         Ok(Received::Frame)
     }
 
@@ -419,8 +433,17 @@ impl RxPath {
         n: u64,
         features: &NetFeatures,
         counters: &mut LocalCounters,
+        flows: &mut FlowTracker,
     ) -> Result<(), RingFault> {
         let from = self.first_iovec();
+        let header = u64::from(features.header_len);
+        flows.note(
+            &self.iovecs,
+            from..self.iovecs.len(),
+            header as usize,
+            n - header,
+            Direction::Rx,
+        );
         let used = self.chains_for(n);
         if features.has_num_buffers() {
             let first_end = self.taken[self.first].end;
@@ -441,7 +464,7 @@ impl RxPath {
         }
         self.first += used;
         counters.rx_frames += 1;
-        counters.rx_bytes += n - u64::from(features.header_len);
+        counters.rx_bytes += n - header;
         Ok(())
     }
 
@@ -566,7 +589,15 @@ mod tests {
 
         fn run(&mut self, f: &NetFeatures) -> RxOutcome {
             self.rx
-                .run(&mut self.ring, &self.m.map, &self.tap, f, &mut self.c, 256)
+                .run(
+                    &mut self.ring,
+                    &self.m.map,
+                    &self.tap,
+                    f,
+                    &mut self.c,
+                    &mut FlowTracker::disabled(),
+                    256,
+                )
                 .expect("rx run")
         }
 
@@ -803,6 +834,7 @@ mod tests {
                 &t.tap,
                 &features(false, 1514),
                 &mut t.c,
+                &mut FlowTracker::disabled(),
                 256,
             )
             .unwrap_err();

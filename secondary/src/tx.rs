@@ -18,10 +18,12 @@ use log::warn;
 use crate::chain::{walk_chain, Access};
 use crate::counters::LocalCounters;
 use crate::features::{NetFeatures, ETH_HLEN, MAX_TX_FRAME};
+use crate::flows::FlowTracker;
 use crate::guest_memory::GuestMemoryMap;
 use crate::iovecs::IoVecs;
 use crate::ring::{Ring, RingFault};
 use crate::tap::Tap;
+use qpnet_shared::Direction;
 
 /// How a TX run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +67,9 @@ impl TxPath {
     }
 
     /// Send up to `budget` chains from `ring` to `tap`.
+    // Each argument is a separate borrow of a worker field (ring, memory,
+    // TAP, counters, flows); a struct of borrows would only be rebuilt per run.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
         ring: &mut Ring,
@@ -72,9 +77,10 @@ impl TxPath {
         tap: &Tap,
         features: &NetFeatures,
         counters: &mut LocalCounters,
+        flows: &mut FlowTracker,
         budget: usize,
     ) -> Result<TxOutcome, RingFault> {
-        let result = self.drain(ring, mem, tap, features, counters, budget);
+        let result = self.drain(ring, mem, tap, features, counters, flows, budget);
         // Even when the ring broke, the guest should see what was completed.
         let signalled = ring.signal_guest(mem);
         let (outcome, moved) = result?;
@@ -87,6 +93,9 @@ impl TxPath {
         Ok(outcome)
     }
 
+    // Each argument is a separate borrow of a worker field (ring, memory,
+    // TAP, counters, flows); a struct of borrows would only be rebuilt per run.
+    #[allow(clippy::too_many_arguments)]
     fn drain(
         &mut self,
         ring: &mut Ring,
@@ -94,6 +103,7 @@ impl TxPath {
         tap: &Tap,
         features: &NetFeatures,
         counters: &mut LocalCounters,
+        flows: &mut FlowTracker,
         budget: usize,
     ) -> Result<(TxOutcome, usize), RingFault> {
         let mut moved = 0;
@@ -103,7 +113,7 @@ impl TxPath {
                 let Some(head) = ring.pop(mem)? else {
                     break;
                 };
-                match self.send_chain(ring, mem, tap, features, head, counters) {
+                match self.send_chain(ring, mem, tap, features, head, counters, flows) {
                     Sent::Done => ring.complete(mem, head, 0)?,
                     Sent::Blocked => {
                         ring.unpop(1);
@@ -122,6 +132,7 @@ impl TxPath {
     }
 
     /// Walk, check and write one chain.
+    #[allow(clippy::too_many_arguments)] // as for `run`
     fn send_chain(
         &mut self,
         ring: &Ring,
@@ -130,6 +141,7 @@ impl TxPath {
         features: &NetFeatures,
         head: u16,
         counters: &mut LocalCounters,
+        flows: &mut FlowTracker,
     ) -> Sent {
         self.iovecs.clear();
         // On error, the head is still completed with len 0 by the caller, so
@@ -164,6 +176,14 @@ impl TxPath {
             Ok(_) => {
                 counters.tx_frames += 1;
                 counters.tx_bytes += total - header;
+                let all = 0..self.iovecs.len();
+                flows.note(
+                    &self.iovecs,
+                    all,
+                    header as usize,
+                    total - header,
+                    Direction::Tx,
+                );
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Sent::Blocked,
             Err(e) => {
@@ -231,7 +251,15 @@ mod tests {
         let mut ring = tr.start(&m, false);
         let mut tx = TxPath::new(0);
         let mut c = LocalCounters::default();
-        let out = tx.run(&mut ring, &m.map, &tap, &features(), &mut c, 256);
+        let out = tx.run(
+            &mut ring,
+            &m.map,
+            &tap,
+            &features(),
+            &mut c,
+            &mut FlowTracker::disabled(),
+            256,
+        );
         assert_eq!(out.unwrap(), TxOutcome::Idle);
         assert_eq!(peer.recv_frame(), f);
         assert_eq!(c.tx_frames, 1);
@@ -268,7 +296,15 @@ mod tests {
         let mut ring = tr.start(&m, true);
         let mut tx = TxPath::new(0);
         let mut c = LocalCounters::default();
-        let out = tx.run(&mut ring, &m.map, &tap, &features(), &mut c, 256);
+        let out = tx.run(
+            &mut ring,
+            &m.map,
+            &tap,
+            &features(),
+            &mut c,
+            &mut FlowTracker::disabled(),
+            256,
+        );
         assert_eq!(out.unwrap(), TxOutcome::Idle);
         assert_eq!(peer.recv_frame(), good);
         assert!(peer.is_empty(), "only the good frame reaches the TAP");
@@ -301,7 +337,15 @@ mod tests {
         let mut ring = tr.start(&m, false);
         let mut c = LocalCounters::default();
         TxPath::new(0)
-            .run(&mut ring, &m.map, &tap, &features(), &mut c, 256)
+            .run(
+                &mut ring,
+                &m.map,
+                &tap,
+                &features(),
+                &mut c,
+                &mut FlowTracker::disabled(),
+                256,
+            )
             .unwrap();
         assert_eq!(c.drop_bad_descriptor, 1);
         assert!(peer.is_empty());
@@ -317,7 +361,15 @@ mod tests {
         let mut ring = tr.start(&m, false);
         let mut c = LocalCounters::default();
         let err = TxPath::new(0)
-            .run(&mut ring, &m.map, &tap, &features(), &mut c, 256)
+            .run(
+                &mut ring,
+                &m.map,
+                &tap,
+                &features(),
+                &mut c,
+                &mut FlowTracker::disabled(),
+                256,
+            )
             .unwrap_err();
         assert!(matches!(err, RingFault::Queue(_)), "{err}");
         assert_eq!(ring.next_avail(), 0);
@@ -338,11 +390,29 @@ mod tests {
         let mut c = LocalCounters::default();
         let feats = features();
         assert_eq!(
-            tx.run(&mut ring, &m.map, &tap, &feats, &mut c, 3).unwrap(),
+            tx.run(
+                &mut ring,
+                &m.map,
+                &tap,
+                &feats,
+                &mut c,
+                &mut FlowTracker::disabled(),
+                3
+            )
+            .unwrap(),
             TxOutcome::MoreWork
         );
         assert_eq!(
-            tx.run(&mut ring, &m.map, &tap, &feats, &mut c, 3).unwrap(),
+            tx.run(
+                &mut ring,
+                &m.map,
+                &tap,
+                &feats,
+                &mut c,
+                &mut FlowTracker::disabled(),
+                3
+            )
+            .unwrap(),
             TxOutcome::Idle
         );
         assert_eq!(c.tx_frames, 5);
@@ -367,7 +437,15 @@ mod tests {
         let mut c = LocalCounters::default();
         let feats = features();
         let out = tx
-            .run(&mut ring, &m.map, &tap, &feats, &mut c, 256)
+            .run(
+                &mut ring,
+                &m.map,
+                &tap,
+                &feats,
+                &mut c,
+                &mut FlowTracker::disabled(),
+                256,
+            )
             .unwrap();
         assert_eq!(out, TxOutcome::TapBlocked, "a socket buffer fills up");
         let sent = c.tx_frames;
@@ -384,8 +462,16 @@ mod tests {
             if got == 200 {
                 break;
             }
-            tx.run(&mut ring, &m.map, &tap, &feats, &mut c, 256)
-                .unwrap();
+            tx.run(
+                &mut ring,
+                &m.map,
+                &tap,
+                &feats,
+                &mut c,
+                &mut FlowTracker::disabled(),
+                256,
+            )
+            .unwrap();
         }
         assert_eq!(c.tx_frames, 200);
     }

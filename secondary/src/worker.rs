@@ -23,6 +23,7 @@ use qpnet_shared::SharedRegion;
 
 use crate::counters::{LocalCounters, StatsHome};
 use crate::features::NetFeatures;
+use crate::flows::FlowTracker;
 use crate::guest_memory::GuestMemoryMap;
 use crate::ring::{Ring, RingFault};
 use crate::rx::{RxOutcome, RxPath};
@@ -111,6 +112,7 @@ struct Worker {
     /// TX stopped at its budget with chains left.
     tx_more: bool,
     counters: LocalCounters,
+    flows: FlowTracker,
     stats: StatsHome,
 }
 
@@ -140,6 +142,7 @@ impl Worker {
             tx_blocked: false,
             tx_more: false,
             counters: LocalCounters::default(),
+            flows: FlowTracker::new(queue_pair, false),
             stats: StatsHome::private(),
         })
     }
@@ -253,9 +256,16 @@ impl Worker {
         else {
             return;
         };
-        let result = self
-            .tx_path
-            .run(ring, mem, tap, &self.features, &mut self.counters, BUDGET);
+        let result = self.tx_path.run(
+            ring,
+            mem,
+            tap,
+            &self.features,
+            &mut self.counters,
+            &mut self.flows,
+            BUDGET,
+        );
+        self.flows.flush(&self.stats);
         match result {
             Ok(TxOutcome::Idle) => {}
             Ok(TxOutcome::MoreWork) => self.tx_more = true,
@@ -272,9 +282,16 @@ impl Worker {
         else {
             return;
         };
-        let result = self
-            .rx_path
-            .run(ring, mem, tap, &self.features, &mut self.counters, BUDGET);
+        let result = self.rx_path.run(
+            ring,
+            mem,
+            tap,
+            &self.features,
+            &mut self.counters,
+            &mut self.flows,
+            BUDGET,
+        );
+        self.flows.flush(&self.stats);
         match result {
             Ok(RxOutcome::Drained | RxOutcome::MoreWork | RxOutcome::TapError) => {}
             Ok(RxOutcome::Starved { frames_waiting }) => {
@@ -405,7 +422,7 @@ impl Worker {
     fn dispatch(&mut self, request: Request, fds: Vec<OwnedFd>) -> anyhow::Result<(Reply, Flow)> {
         let fds_expected = match &request {
             Request::SetMemTable { regions } => regions.len(),
-            Request::AttachTap | Request::AttachShared => 1,
+            Request::AttachTap | Request::AttachShared { .. } => 1,
             Request::StartRing(cfg) => 1 + usize::from(cfg.has_call),
             _ => 0,
         };
@@ -433,7 +450,10 @@ impl Worker {
             } => self.set_features(features, max_rx_frame, header_len),
             Request::SetMemTable { regions } => self.set_mem_table(&regions, fds),
             Request::AttachTap => self.attach_tap(fds),
-            Request::AttachShared => self.attach_shared(fds),
+            Request::AttachShared { flow_tracking } => {
+                self.flows.set_enabled(self.queue_pair, flow_tracking);
+                self.attach_shared(fds)
+            }
             Request::StartRing(cfg) => self.start_ring(&cfg, fds),
             Request::StopRing { kind } => self.stop_ring(kind),
             Request::Shutdown => {

@@ -213,7 +213,12 @@ fn frames_flow_both_ways_and_counters_are_shared() {
     let (tap_fd, peer_fd) = dgram_fds();
     let peer = peer(peer_fd);
 
-    h.ok(&Request::AttachShared, &[shm.fd()]);
+    h.ok(
+        &Request::AttachShared {
+            flow_tracking: true,
+        },
+        &[shm.fd()],
+    );
     h.ok(
         &Request::SetFeatures {
             features: EVENT_IDX | MRG_RXBUF,

@@ -1,0 +1,93 @@
+//! Flow tracking on the packet path: the head of every frame moved is
+//! copied out of guest memory (at most [`FLOW_HEADROOM`] bytes after the
+//! virtio-net header) into the per-worker [`FlowCache`], which turns a burst
+//! into one locked update per distinct flow of the shared flow table. The
+//! cache is flushed once per TX or RX run (a run handles at most 256 frames,
+//! and the cache holds 256 flows, so a run never overflows it), and this
+//! queue pair's idle flows are expired a few stripes at a time every 100 ms.
+//! A frame whose flow cannot be recorded (table full, stripe busy) is
+//! forwarded anyway and counted as untracked.
+
+use std::ops::Range;
+
+use qpnet_shared::{Direction, FlowCache, FlowTimeouts, FLOW_HEADROOM};
+
+use crate::counters::{monotonic_ns, StatsHome};
+use crate::iovecs::IoVecs;
+
+const EXPIRY_INTERVAL_NS: u64 = 100_000_000;
+const EXPIRY_STRIPES_PER_PASS: usize = 16;
+
+/// The flow tracking of one worker (disabled: every call is a no-op).
+pub struct FlowTracker {
+    cache: Option<FlowCache>,
+    head: [u8; FLOW_HEADROOM],
+    next_expiry_ns: u64,
+    timeouts: FlowTimeouts,
+}
+
+impl FlowTracker {
+    /// Tracking for `queue_pair`, on or off.
+    pub fn new(queue_pair: u16, enabled: bool) -> FlowTracker {
+        FlowTracker {
+            cache: enabled.then(|| FlowCache::new(usize::from(queue_pair))),
+            head: [0; FLOW_HEADROOM],
+            next_expiry_ns: 0,
+            timeouts: FlowTimeouts::default(),
+        }
+    }
+
+    /// Tracking turned off.
+    #[cfg(test)]
+    pub fn disabled() -> FlowTracker {
+        FlowTracker::new(0, false)
+    }
+
+    /// Turn tracking on or off (as the primary says).
+    pub fn set_enabled(&mut self, queue_pair: u16, enabled: bool) {
+        if enabled != self.cache.is_some() {
+            *self = FlowTracker::new(queue_pair, enabled);
+        }
+    }
+
+    /// Note one frame of `frame_len` bytes (header excluded) that sits in
+    /// `entries` of `iovecs` after a `header_len`-byte virtio-net header.
+    #[inline]
+    pub fn note(
+        &mut self,
+        iovecs: &IoVecs,
+        entries: Range<usize>,
+        header_len: usize,
+        frame_len: u64,
+        direction: Direction,
+    ) {
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        let want = usize::try_from(frame_len).map_or(FLOW_HEADROOM, |l| l.min(FLOW_HEADROOM));
+        let got = iovecs.read_at(entries, header_len, &mut self.head[..want]);
+        cache.note_frame(&self.head[..got], frame_len, direction);
+    }
+
+    /// Write the burst to the shared table (or forget it before the region
+    /// arrives) and expire idle flows when it is time.
+    pub fn flush(&mut self, home: &StatsHome) {
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        let Some(table) = home.flow_table() else {
+            cache.discard();
+            return;
+        };
+        let now = monotonic_ns();
+        if cache.pending_flows() > 0 {
+            cache.flush(&table, now).add_to(home.stats());
+        }
+        if now >= self.next_expiry_ns {
+            self.next_expiry_ns = now + EXPIRY_INTERVAL_NS;
+            cache
+                .expire_idle(&table, now, &self.timeouts, EXPIRY_STRIPES_PER_PASS)
+                .add_expired_to(home.stats());
+        }
+    }
+}
