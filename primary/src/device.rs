@@ -162,6 +162,11 @@ impl Device {
         dev
     }
 
+    /// Whether the driver's SET_FEATURES acknowledged PROTOCOL_FEATURES.
+    pub fn protocol_features_acked(&self) -> bool {
+        self.features_set && features::has_protocol_features(self.features)
+    }
+
     /// Number of queue pairs.
     pub fn queue_pairs(&self) -> u16 {
         self.config.queue_pairs

@@ -101,6 +101,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         args.flow_capacity as usize,
     )
     .context("creating the shared region")?;
+    shared.header().flow.tracking.store(
+        if args.no_flow_tracking {
+            qpnet_shared::TRACKING_OFF
+        } else {
+            qpnet_shared::TRACKING_ON
+        },
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let endpoint = if args.connect {
         Endpoint::Connect(args.socket.clone())
     } else {

@@ -5,7 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -49,22 +49,35 @@ pub fn shm_path(dir: &Path) -> PathBuf {
 }
 
 /// The pid of the primary holding instance directory `dir`, if one runs
-/// (its lock is held).
+/// (its lock is held). Reads /proc/locks rather than trying the lock: a
+/// primary starting at that moment must not find it taken by us.
 pub fn running_pid(dir: &Path) -> Result<i32> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(dir.join("lock"))
-        .with_context(|| format!("{}/lock does not exist", dir.display()))?;
-    // SAFETY: flock on an fd we own; no memory involved.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-        bail!("{}/lock is not held by a running qpnet", dir.display());
+    let path = dir.join("lock");
+    let meta =
+        std::fs::metadata(&path).with_context(|| format!("{} does not exist", path.display()))?;
+    let locks = std::fs::read_to_string("/proc/locks").context("reading /proc/locks")?;
+    if !flock_held(&locks, meta.dev(), meta.ino()) {
+        bail!("{} is not held by a running qpnet", path.display());
     }
-    let mut pid = String::new();
-    f.read_to_string(&mut pid)?;
+    let pid = std::fs::read_to_string(&path)?;
     pid.trim()
         .parse()
-        .with_context(|| format!("{}/lock holds no pid", dir.display()))
+        .with_context(|| format!("{} holds no pid", path.display()))
+}
+
+/// Does a /proc/locks text show an exclusive flock on (dev, ino)?
+/// Lines read "1: FLOCK  ADVISORY  WRITE 4242 00:1a:1234 0 EOF"; waiters
+/// have "->" after the number and hold nothing.
+pub fn flock_held(locks: &str, dev: u64, ino: u64) -> bool {
+    let want = format!(
+        "{:02x}:{:02x}:{ino}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    locks.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() >= 6 && f[1] == "FLOCK" && f[3] == "WRITE" && f[5] == want
+    })
 }
 
 /// A locked runtime directory; removed on drop.

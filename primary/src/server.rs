@@ -227,6 +227,7 @@ impl Server {
                 Wake::Timeout => continue,
                 Wake::Ready => {}
             }
+            lock(&self.dev).apply_early_vring_enable(fd);
             let result = handler.handle_request();
             let reply_lost = std::mem::take(&mut lock(&self.dev).reply_lost);
             match result {
@@ -240,10 +241,9 @@ impl Server {
                     | VhostError::InvalidParam),
                 ) => {
                     // The whole message was read, so the stream is still in
-                    // step. QEMU, for one, sends SET_VRING_ENABLE(0) for the
-                    // queue pairs the guest does not use yet before any
-                    // SET_FEATURES: ignoring it leaves those rings disabled,
-                    // which is what it asked for.
+                    // step. QEMU, for one, sends SET_VRING_ENABLE before
+                    // SET_FEATURES (at realize time and when it reconnects);
+                    // apply_early_vring_enable above already applied it.
                     log::warn!("ignored a request the vhost-user state does not allow yet: {e}");
                 }
                 Err(

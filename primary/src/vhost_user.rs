@@ -8,6 +8,7 @@
 //! connection rather than leave the VMM waiting for an answer.
 
 use std::fs::File;
+use std::os::fd::RawFd;
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -31,6 +32,32 @@ pub struct VhostUserDevice {
     pub reply_lost: bool,
 }
 
+/// If the next message on `fd` is a well-formed SET_VRING_ENABLE, its ring
+/// index and state, without taking it off the socket.
+fn peek_vring_enable(fd: RawFd) -> Option<(u32, bool)> {
+    const SET_VRING_ENABLE: u32 = 18;
+    // Header (request, flags, size) and body (index, num), little-endian.
+    let mut msg = [0u8; 20];
+    // SAFETY: recv writes at most msg.len() bytes into msg, which we own;
+    // MSG_PEEK leaves the message in the socket for the vhost crate.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            msg.as_mut_ptr().cast(),
+            msg.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n != msg.len() as isize {
+        return None;
+    }
+    let word = |i: usize| u32::from_le_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);
+    if word(0) != SET_VRING_ENABLE || word(8) != 8 || word(16) > 1 {
+        return None;
+    }
+    Some((word(12), word(16) == 1))
+}
+
 fn answer<T>(request: &str, r: DevResult<T>) -> VhostResult<T> {
     r.map_err(|e| {
         log::warn!("refused {request}: {e}");
@@ -44,6 +71,26 @@ fn unsupported<T>(request: &'static str) -> VhostResult<T> {
 }
 
 impl VhostUserDevice {
+    /// QEMU (7.2 at least), when it reconnects, restores each queue pair's
+    /// ring enable state *before* that queue pair's SET_FEATURES. The vhost
+    /// crate drops a SET_VRING_ENABLE that arrives before PROTOCOL_FEATURES
+    /// is acknowledged without telling the backend, so those rings would stay
+    /// disabled forever. Before each request, peek at it: if it is such an
+    /// early SET_VRING_ENABLE, apply it to the device here (the crate then
+    /// refuses it as before; QEMU asks for no reply to it).
+    pub fn apply_early_vring_enable(&mut self, fd: RawFd) {
+        if self.device.protocol_features_acked() {
+            return;
+        }
+        let Some((index, enable)) = peek_vring_enable(fd) else {
+            return;
+        };
+        log::info!("vring {index}: SET_VRING_ENABLE({enable}) before SET_FEATURES: applied");
+        if let Err(e) = self.device.set_vring_enable(index, enable) {
+            log::warn!("refused early SET_VRING_ENABLE: {e}");
+        }
+    }
+
     fn answer_reply<T>(&mut self, request: &str, r: DevResult<T>) -> VhostResult<T> {
         if r.is_err() {
             self.reply_lost = true;

@@ -68,11 +68,17 @@ pub struct FlowGeometryHeader {
     pub stripe_size: AtomicU32,
     /// `size_of` one entry of the writer.
     pub slot_size: AtomicU32,
-    /// Reserved, zero.
-    pub reserved: AtomicU32,
+    /// Whether workers track flows: [`TRACKING_ON`], [`TRACKING_OFF`], or 0
+    /// when the primary has not said.
+    pub tracking: AtomicU32,
     /// Secret seed of the keyed hash that places flows (random per region).
     pub hash_seed: [AtomicU64; 2],
 }
+
+/// [`FlowGeometryHeader::tracking`]: workers record flows.
+pub const TRACKING_ON: u32 = 1;
+/// [`FlowGeometryHeader::tracking`]: flow tracking is turned off.
+pub const TRACKING_OFF: u32 = 2;
 
 /// Flow table events that are rare enough to count in one shared place.
 /// Per-stripe insert/remove counts live in the stripes; per-queue-pair flow

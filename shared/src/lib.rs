@@ -36,7 +36,7 @@ pub use flow_table::{
 };
 pub use layout::{
     FlowCounters, FlowGeometryHeader, QueueStats, RegionHeader, WorkerState, LAYOUT_VERSION, MAGIC,
-    MAX_QUEUE_PAIRS,
+    MAX_QUEUE_PAIRS, TRACKING_OFF, TRACKING_ON,
 };
 pub use region::{RegionError, SharedRegion};
 pub use robust_mutex::{LockError, LockWait};

@@ -8,7 +8,10 @@
 //! iperf3 in both directions with several parallel streams, reports its
 //! per-queue packet counters and then pings forever (`hold`); while it holds,
 //! the test reads `qpnet stats --json` and checks that both queue pairs moved
-//! frames both ways. Then it stops QEMU and boots a second guest against the
+//! frames both ways, that qpnet's flow table lists the guest's iperf3
+//! connections (10.77.0.2 <-> 10.77.0.1:5201) and that over 99% of the
+//! tracked frames came through the queue pair owning their flow (flow
+//! affinity). Then it stops QEMU and boots a second guest against the
 //! same qpnet, which must ping too: qpnet serves one VMM after another.
 //!
 //! Needs root (namespaces, TAPs), qemu-system-x86, a Debian kernel, busybox-
@@ -46,6 +49,13 @@ const QUEUE_PAIRS: usize = 2;
 /// odds that one queue pair sees no flow at all in a direction are ~2^-17.
 const IPERF_SECS: u32 = 5;
 const IPERF_STREAMS: u32 = 8;
+/// The iperf3 server's port.
+const IPERF_PORT: u64 = 5201;
+/// The guest's address, as qpnet's flow table shows it.
+const FIRST_GUEST_ADDR: &str = "10.77.0.2";
+/// Least share of tracked frames that must arrive on the queue pair that
+/// owns their flow.
+const MIN_FLOW_AFFINITY_PERCENT: f64 = 99.0;
 /// Bounds (the whole test stays under five minutes): the first guest boots,
 /// pings and runs two iperf3 rounds (about 20 s under TCG on a quiet
 /// machine); the second only boots and pings.
@@ -82,6 +92,7 @@ fn run_scenario(bed: &mut GuestBed) -> Result<()> {
     let results = GuestResults::read(&first.log)?;
     check_first_guest(&results)?;
     check_qpnet_queue_counters(bed)?;
+    check_qpnet_flows(bed)?;
     // Stop QEMU (the whole run-guest.sh process group).
     drop(first);
 
@@ -148,6 +159,85 @@ fn check_qpnet_queue_counters(bed: &GuestBed) -> Result<()> {
             q.rx_frames
         );
     }
+    Ok(())
+}
+
+/// The string member `key` of a JSON object, or "".
+fn field<'a>(f: &'a json::Value, key: &str) -> &'a str {
+    f.get(key).and_then(json::Value::as_str).unwrap_or("")
+}
+
+/// qpnet's flow table while the first guest holds: the guest's iperf3
+/// connections are listed with its address and the server's, and flow
+/// affinity (tracked frames that came through the queue pair owning their
+/// flow) is above [`MIN_FLOW_AFFINITY_PERCENT`]. The last iperf3 run's
+/// connections closed a moment ago; their entries stay until the closed-flow
+/// timeout (10 s), and the check needs one stream per queue pair at least.
+fn check_qpnet_flows(bed: &GuestBed) -> Result<()> {
+    let text = bed.qpnet_stats_text(&["--json", "--top", "100"])?;
+    let doc = json::parse(&text)?;
+    ensure!(
+        doc.get("flow_tracking").and_then(json::Value::as_bool) == Some(true),
+        "qpnet stats says flow tracking is not on:\n{text}"
+    );
+    let flows = doc
+        .get("flows")
+        .and_then(json::Value::as_array)
+        .context("qpnet stats --json has no \"flows\" array")?;
+    let mut iperf = Vec::new();
+    for f in flows {
+        println!(
+            "qpnet flow: {} owner={} state={} tx_bytes={} rx_bytes={}",
+            field(f, "flow"),
+            f.get("owner").and_then(json::Value::as_u64).unwrap_or(99),
+            field(f, "state"),
+            f.get("tx_bytes").and_then(json::Value::as_u64).unwrap_or(0),
+            f.get("rx_bytes").and_then(json::Value::as_u64).unwrap_or(0),
+        );
+        let is_iperf = field(f, "protocol") == "tcp"
+            && field(f, "guest_addr") == FIRST_GUEST_ADDR
+            && field(f, "remote_addr") == HOST_ADDR
+            && f.get("remote_port").and_then(json::Value::as_u64) == Some(IPERF_PORT);
+        if is_iperf {
+            let guest_port = f
+                .get("guest_port")
+                .and_then(json::Value::as_u64)
+                .unwrap_or(0);
+            ensure!(
+                field(f, "flow")
+                    == format!("tcp {FIRST_GUEST_ADDR}:{guest_port} <-> {HOST_ADDR}:{IPERF_PORT}"),
+                "an iperf3 flow is printed as {:?}",
+                field(f, "flow")
+            );
+            iperf.push(f);
+        }
+    }
+    ensure!(
+        iperf.len() >= QUEUE_PAIRS,
+        "qpnet's flow table lists {} iperf3 connections of the guest \
+         ({FIRST_GUEST_ADDR} <-> {HOST_ADDR}:{IPERF_PORT}), expected several:\n{text}",
+        iperf.len()
+    );
+    let totals = doc.get("totals").context("no \"totals\" in qpnet stats")?;
+    let count = |key: &str| {
+        totals
+            .get(key)
+            .and_then(json::Value::as_u64)
+            .with_context(|| format!("no numeric totals.{key}"))
+    };
+    let (tracked, misses) = (count("tracked_frames")?, count("flow_affinity_misses")?);
+    ensure!(tracked > 0, "no tracked frames:\n{text}");
+    let affinity = 100.0 - misses as f64 * 100.0 / tracked as f64;
+    println!(
+        "qpnet flow affinity: {affinity:.3}% ({misses} misses of {tracked} tracked frames), \
+         {} iperf3 flows listed",
+        iperf.len()
+    );
+    ensure!(
+        affinity > MIN_FLOW_AFFINITY_PERCENT,
+        "flow affinity {affinity:.3}% ({misses} of {tracked} tracked frames came through a queue \
+         pair that does not own their flow), expected above {MIN_FLOW_AFFINITY_PERCENT}%"
+    );
     Ok(())
 }
 
@@ -269,6 +359,20 @@ impl GuestBed {
         );
         QueueCounters::from_stats_json(&text)
             .with_context(|| format!("reading qpnet stats --json output:\n{text}"))
+    }
+
+    /// `qpnet stats --name NAME ARGS`, which must succeed; its stdout.
+    fn qpnet_stats_text(&self, args: &[&str]) -> Result<String> {
+        let out = self.qpnet.stats_command(args)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success(),
+            "qpnet stats {args:?} exited with {}: {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(text)
     }
 
     /// Print every log the test collected (on failure).
@@ -491,9 +595,9 @@ mod json {
     /// A parsed JSON value; numbers keep their text.
     pub enum Value {
         Null,
-        Bool(#[allow(dead_code)] bool),
+        Bool(bool),
         Number(String),
-        String(#[allow(dead_code)] String),
+        String(String),
         Array(Vec<Value>),
         Object(Vec<(String, Value)>),
     }
@@ -517,6 +621,20 @@ mod json {
         pub fn as_u64(&self) -> Option<u64> {
             match self {
                 Value::Number(n) => n.parse().ok(),
+                _ => None,
+            }
+        }
+
+        pub fn as_str(&self) -> Option<&str> {
+            match self {
+                Value::String(s) => Some(s),
+                _ => None,
+            }
+        }
+
+        pub fn as_bool(&self) -> Option<bool> {
+            match self {
+                Value::Bool(b) => Some(*b),
                 _ => None,
             }
         }
@@ -710,6 +828,17 @@ fn stats_json_queues_are_read() {
         (1, 0, u64::MAX)
     );
     assert!(QueueCounters::from_stats_json("{\"queues\": [ {\"queue_pair\": 0} ]}").is_err());
+    let doc = json::parse(text).unwrap();
+    let q1 = &doc.get("queues").unwrap().as_array().unwrap()[1];
+    assert_eq!(
+        q1.get("state").and_then(json::Value::as_str),
+        Some("a\"b\\c")
+    );
+    assert_eq!(
+        doc.get("vmm_connected").and_then(json::Value::as_bool),
+        Some(true)
+    );
+    assert_eq!(doc.get("name").and_then(json::Value::as_bool), None);
     assert!(json::parse("{\"a\": 1} x").is_err());
 }
 
