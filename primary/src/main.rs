@@ -9,7 +9,7 @@ mod logging;
 mod run;
 mod runtime;
 mod server;
-mod stats_cmd;
+mod stats;
 mod supervisor;
 mod tap;
 mod vhost_user;
@@ -56,10 +56,10 @@ fn main() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("qpnet retry: error: {e:#}");
-                stats_cmd::EXIT_NO_INSTANCE
+                stats::EXIT_NO_INSTANCE
             }
         },
-        Command::Stats(args) => match stats_cmd::stats(args) {
+        Command::Stats(args) => match stats::stats(args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("qpnet stats: error: {e:#}");

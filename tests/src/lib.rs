@@ -10,9 +10,14 @@
 //! produce goes through [`raw_vhost`]. [`frames`] builds and checks test frames
 //! byte for byte; [`traffic`] moves many of them with flow control and reports
 //! what was lost, duplicated or corrupted. [`testbed`] bundles a namespace, a
-//! TAP, its socket and a qpnet instance for one test.
+//! TAP, its socket and a qpnet instance for one test. [`guest`] boots a real
+//! Linux guest under QEMU for the guest tests; [`json`] reads `qpnet stats
+//! --json`.
 
+pub mod crash_traffic;
 pub mod frames;
+pub mod guest;
+pub mod json;
 pub mod memory;
 pub mod net_driver;
 pub mod netns;

@@ -38,31 +38,29 @@
 //! `<workspace>/target/release/qpnet`). Run one test at a time
 //! (`--test-threads=1`): each boots a TCG guest on a small machine.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use qpnet_shared::{QueueStats, SharedRegion};
-use qpnet_tests::netns::NetNs;
+use qpnet_tests::guest::{
+    hold_of, ok_result, print_tail, result_of, workspace_dir, Bed, Guest, GuestArgs, ResultLine,
+    Spawned, TAP,
+};
 use qpnet_tests::qpnet::{children_of, command_line, parent_of, qpnet_binary, Qpnet, RUN_DIR};
 use qpnet_tests::wait::poll_until;
 
-/// The host side of the test link (on the TAP) and the guest's address.
-const HOST_ADDR: &str = "10.77.0.1";
-const HOST_CIDR: &str = "10.77.0.1/24";
+/// The guest's address (the host's is `qpnet_tests::guest::HOST_CIDR`).
 const GUEST_CIDR: &str = "10.77.0.2/24";
-/// The TAP's name inside the test's own namespace.
-const TAP: &str = "qptap0";
 const QUEUE_PAIRS: u16 = 2;
-/// How often the serial console and the stats region are read.
+/// How often the stats region is read.
 const POLL: Duration = Duration::from_millis(20);
+/// Bounds QEMU even if this test process dies without drops.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 // ---- worker kills under an iperf3 stream --------------------------------
 
@@ -145,15 +143,9 @@ struct WorkerKillBed {
 
 impl WorkerKillBed {
     fn start() -> Result<WorkerKillBed> {
-        let mut bed = Bed::create()?;
-        let iperf3_log = bed.log_path("iperf3 server", "iperf3.log");
-        let iperf3 = Spawned::start(
-            "iperf3 server",
-            bed.ns.command("iperf3").args(["-s", "-B", HOST_ADDR]),
-            &iperf3_log,
-            Duration::from_secs(5),
-        )?;
-        let qpnet = Qpnet::start(&bed.ns, TAP, QUEUE_PAIRS)?;
+        let mut bed = Bed::create("gcrash")?;
+        let iperf3 = bed.start_iperf3_server()?;
+        let qpnet = Qpnet::start(bed.ns(), TAP, QUEUE_PAIRS)?;
         Ok(WorkerKillBed {
             guest: None,
             qpnet,
@@ -163,9 +155,6 @@ impl WorkerKillBed {
     }
 
     fn print_logs(&self) {
-        if let Some(g) = &self.guest {
-            g.print_state();
-        }
         print_tail("qpnet stderr", &self.qpnet.stderr());
         self.bed.print_logs();
     }
@@ -188,9 +177,7 @@ fn worker_kill_scenario(wb: &mut WorkerKillBed) -> Result<()> {
     let tests = "ping,iperf-tx,iperf-tx,queues";
     let secs = STREAM_SECS.to_string();
     let extra = ["--secs", &secs, "--streams", "1", "--pingwait", "60"];
-    let guest = wb
-        .bed
-        .start_guest(wb.qpnet.socket(), "guest", tests, &extra)?;
+    let guest = start_guest(&mut wb.bed, wb.qpnet.socket(), tests, &extra)?;
     let guest = wb.guest.insert(guest);
     let region = wb.qpnet.stats()?;
 
@@ -478,7 +465,7 @@ struct PrimaryKillBed {
 impl PrimaryKillBed {
     fn start() -> Result<PrimaryKillBed> {
         let reaper = Subreaper::enable()?;
-        let mut bed = Bed::create()?;
+        let mut bed = Bed::create("gcrash")?;
         let supervisor = Supervisor::start(&mut bed)?;
         Ok(PrimaryKillBed {
             guest: None,
@@ -489,9 +476,6 @@ impl PrimaryKillBed {
     }
 
     fn print_logs(&self) {
-        if let Some(g) = &self.guest {
-            g.print_state();
-        }
         self.bed.print_logs();
     }
 }
@@ -522,7 +506,7 @@ fn primary_kill_scenario(pb: &mut PrimaryKillBed) -> Result<()> {
     );
     let extra = ["--reconnect", "1", "--pingwait", "60"];
     let socket = pb.supervisor.socket.clone();
-    let guest = pb.bed.start_guest(&socket, "guest", "ping,hold", &extra)?;
+    let guest = start_guest(&mut pb.bed, &socket, "ping,hold", &extra)?;
     let guest = pb.guest.insert(guest);
     let (_, first_ok) =
         guest.wait_line(0, "the first successful hold ping", HOLD_DEADLINE, |l| {
@@ -719,13 +703,13 @@ struct Supervisor {
 impl Supervisor {
     fn start(bed: &mut Bed) -> Result<Supervisor> {
         let name = qpnet_tests::unique_name();
-        let socket = bed.dir.path.join("vhost.sock");
+        let socket = bed.dir().join("vhost.sock");
         let log = bed.log_path("supervisor + qpnet", "supervise.log");
         let qp = QUEUE_PAIRS.to_string();
         let process = Spawned::start(
             "qpnet-supervise",
-            bed.ns
-                .command(bed.workspace.join("scripts/qpnet-supervise"))
+            bed.ns()
+                .command(workspace_dir().join("scripts/qpnet-supervise"))
                 .arg("--qpnet")
                 .arg(qpnet_binary()?)
                 .arg("--")
@@ -946,414 +930,24 @@ fn tx_bytes_delta(before: &[QueueSnapshot], after: &[QueueSnapshot]) -> Vec<u64>
 
 // ---- the guest -----------------------------------------------------------
 
-/// Namespace with the TAP, scratch directory and the logs to print.
-struct Bed {
-    dir: ScratchDir,
-    ns: NetNs,
-    workspace: PathBuf,
-    logs: Vec<(String, PathBuf)>,
-}
-
-impl Bed {
-    fn create() -> Result<Bed> {
-        ensure!(
-            nix::unistd::geteuid().is_root(),
-            "the guest crash tests need root (network namespaces, TAPs, QEMU)"
-        );
-        qpnet_binary()?;
-        let ns = NetNs::new()?;
-        ns.sysctl("net.ipv4.ip_nonlocal_bind", "1")?;
-        ns.add_tap(TAP, Some(HOST_CIDR))?;
-        let dir = ScratchDir::create(ns.name())?;
-        Ok(Bed {
-            dir,
-            ns,
-            workspace: Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("tests/ has a parent")
-                .to_path_buf(),
-            logs: Vec::new(),
-        })
-    }
-
-    /// A log file in the scratch directory, printed on failure.
-    fn log_path(&mut self, what: &str, file: &str) -> PathBuf {
-        let p = self.dir.path.join(file);
-        self.logs.push((what.to_owned(), p.clone()));
-        p
-    }
-
-    /// Boot the guest against `socket` with the given steps.
-    fn start_guest(
-        &mut self,
-        socket: &Path,
-        label: &str,
-        tests: &str,
-        extra: &[&str],
-    ) -> Result<Guest> {
-        let out = self.log_path("run-guest.sh", &format!("{label}-run-guest.log"));
-        let serial = self.dir.path.join(format!("{label}-serial.log"));
-        let process = Spawned::start(
-            "run-guest.sh",
-            Command::new(self.workspace.join("scripts/guest/run-guest.sh"))
-                .arg("--vhost-user")
-                .arg(socket)
-                .args(["--queues", &QUEUE_PAIRS.to_string()])
-                .args(["--ip", GUEST_CIDR, "--peer", HOST_ADDR, "--tests", tests])
-                .args(extra)
-                // Bounds QEMU even if this test process dies without drops.
-                .args(["--timeout", "600", "--quiet"])
-                .arg("--log")
-                .arg(&serial),
-            &out,
-            Duration::from_secs(5),
-        )?;
-        Ok(Guest {
-            process,
-            serial: SerialLog::new(serial),
-        })
-    }
-
-    fn print_logs(&self) {
-        for (what, path) in &self.logs {
-            print_tail(&format!("{what}: {}", path.display()), &read_lossy(path));
-        }
-        eprintln!("===== logs kept in {} =====", self.dir.path.display());
-    }
-
-    /// Success: the scratch directory (logs) can go.
-    fn finish(&mut self) {
-        self.dir.keep = false;
-    }
-}
-
-/// A booted guest: run-guest.sh (with QEMU) and its serial console.
-struct Guest {
-    process: Spawned,
-    serial: SerialLog,
-}
-
-impl Guest {
-    /// Serial lines read so far, with the time each was seen.
-    fn lines(&self) -> &[SerialLine] {
-        &self.serial.lines
-    }
-
-    /// Read new output; fail if the guest failed a step (anywhere), printed
-    /// its verdict at or after line `from`, or run-guest.sh ended.
-    fn check_running(&mut self, from: usize) -> Result<()> {
-        self.serial.poll()?;
-        if let Some(bad) = self.serial.lines.iter().enumerate().find_map(|(i, l)| {
-            let r = ResultLine::parse(&l.text)?;
-            (r.failed() || (i >= from && r.step == "done")).then_some(r.line)
-        }) {
-            bail!("the guest stopped: {bad}");
-        }
-        if let Some(st) = self.process.exited()? {
-            bail!("run-guest.sh exited with {st}");
-        }
-        Ok(())
-    }
-
-    /// The first line at index >= `from` that `pred` accepts, waiting up to
-    /// `timeout`; fails as soon as the guest fails a step or stops.
-    fn wait_line(
-        &mut self,
-        from: usize,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> Result<(usize, String)> {
-        poll_until(what, timeout, POLL, || {
-            self.serial.poll()?;
-            if let Some((i, l)) = self
-                .serial
-                .lines
-                .iter()
-                .enumerate()
-                .skip(from)
-                .find(|(_, l)| pred(&l.text))
-            {
-                return Ok(Some((i, l.text.clone())));
-            }
-            self.check_running(from)?;
-            Ok(None)
-        })
-    }
-
-    /// Wait for run-guest.sh to end; its status is the guest's verdict.
-    fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        poll_until("the guest to power off", timeout, POLL, || {
-            self.process.exited()
-        })
-    }
-
-    /// The last result line of `step`.
-    fn result(&self, step: &str) -> Option<ResultLine> {
-        self.serial
-            .lines
-            .iter()
-            .rev()
-            .find_map(|l| result_of(&l.text, step))
-    }
-
-    fn print_state(&self) {
-        let path = &self.serial.path;
-        print_tail(
-            &format!("guest serial console: {}", path.display()),
-            &read_lossy(path),
-        );
-    }
-}
-
-/// One line of the serial console and when the test first saw it.
-struct SerialLine {
-    at: Instant,
-    text: String,
-}
-
-/// The serial console log, read incrementally so each line gets the host
-/// time it appeared (polled every [`POLL`] while a test waits).
-struct SerialLog {
-    path: PathBuf,
-    offset: u64,
-    partial: Vec<u8>,
-    lines: Vec<SerialLine>,
-}
-
-impl SerialLog {
-    fn new(path: PathBuf) -> SerialLog {
-        SerialLog {
-            path,
-            offset: 0,
-            partial: Vec::new(),
-            lines: Vec::new(),
-        }
-    }
-
-    fn poll(&mut self) -> Result<()> {
-        let mut f = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e).with_context(|| format!("opening {}", self.path.display())),
-        };
-        f.seek(SeekFrom::Start(self.offset))?;
-        let n = f.read_to_end(&mut self.partial)?;
-        self.offset += n as u64;
-        let now = Instant::now();
-        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
-            let raw: Vec<u8> = self.partial.drain(..=end).collect();
-            let text = String::from_utf8_lossy(&raw)
-                .trim_end_matches(['\r', '\n'])
-                .replace('\r', "");
-            self.lines.push(SerialLine { at: now, text });
-        }
-        Ok(())
-    }
-}
-
-/// `QPNET-RESULT <step> ok|fail key=value...` (anywhere in the line: kernel
-/// messages may share it).
-#[derive(Debug, Clone)]
-struct ResultLine {
-    step: String,
-    /// "ok", "fail", or another word ("hold started").
-    status: String,
-    line: String,
-}
-
-impl ResultLine {
-    fn parse(line: &str) -> Option<ResultLine> {
-        let rest = &line[line.find("QPNET-RESULT ")? + "QPNET-RESULT ".len()..];
-        let mut words = rest.split_whitespace();
-        let step = words.next()?.to_owned();
-        let status = words.next()?.to_owned();
-        Some(ResultLine {
-            step,
-            status,
-            line: rest.to_owned(),
-        })
-    }
-
-    fn ok(&self) -> bool {
-        self.status == "ok"
-    }
-
-    fn failed(&self) -> bool {
-        self.status == "fail"
-    }
-
-    fn field(&self, key: &str) -> Option<&str> {
-        self.line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-    }
-
-    fn number(&self, key: &str) -> Result<u64> {
-        let v = self
-            .field(key)
-            .with_context(|| format!("no {key}= in {:?}", self.line))?;
-        v.parse()
-            .with_context(|| format!("{key}={v} is not a number"))
-    }
-
-    fn float(&self, key: &str) -> Result<f64> {
-        let v = self
-            .field(key)
-            .with_context(|| format!("no {key}= in {:?}", self.line))?;
-        v.parse()
-            .with_context(|| format!("{key}={v} is not a number"))
-    }
-}
-
-fn result_of(line: &str, step: &str) -> Option<ResultLine> {
-    ResultLine::parse(line).filter(|r| r.step == step)
-}
-
-fn ok_result(line: &str, step: &str) -> Result<ResultLine> {
-    let r = result_of(line, step).with_context(|| format!("not a {step} result: {line}"))?;
-    ensure!(r.ok(), "guest step {step} failed: {}", r.line);
-    Ok(r)
-}
-
-/// `QPNET-HOLD seq=N ok rtt_ms=X t=UPTIME` or `QPNET-HOLD seq=N lost t=...`.
-#[derive(Debug, PartialEq)]
-struct HoldLine {
-    seq: u64,
-    ok: bool,
-}
-
-fn hold_of(line: &str) -> Option<HoldLine> {
-    let rest = &line[line.find("QPNET-HOLD ")? + "QPNET-HOLD ".len()..];
-    let mut words = rest.split_whitespace();
-    let seq = words.next()?.strip_prefix("seq=")?.parse().ok()?;
-    let ok = match words.next()? {
-        "ok" => true,
-        "lost" => false,
-        _ => return None,
+/// Boot the guest against `socket` with the given steps and run-guest.sh
+/// options.
+fn start_guest(bed: &mut Bed, socket: &Path, tests: &str, extra: &[&str]) -> Result<Guest> {
+    let args = GuestArgs {
+        queues: QUEUE_PAIRS,
+        ip: GUEST_CIDR,
+        tests,
+        extra,
+        timeout: GUEST_TIMEOUT,
     };
-    Some(HoldLine { seq, ok })
-}
-
-// ---- processes and files -------------------------------------------------
-
-/// A child process leading its own process group. [`Spawned::stop`] (also
-/// on drop) sends SIGTERM to the leader, waits `grace`, then SIGKILLs the
-/// whole group so nothing it started stays behind.
-struct Spawned {
-    what: &'static str,
-    child: Child,
-    grace: Duration,
-    stopped: bool,
-}
-
-impl Spawned {
-    /// Start `cmd` with stdin closed and stdout+stderr into `log`.
-    fn start(
-        what: &'static str,
-        cmd: &mut Command,
-        log: &Path,
-        grace: Duration,
-    ) -> Result<Spawned> {
-        use std::os::unix::process::CommandExt;
-        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {what}: {cmd:?}"))?;
-        Ok(Spawned {
-            what,
-            child,
-            grace,
-            stopped: false,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The exit status if the process has ended.
-    fn exited(&mut self) -> Result<Option<ExitStatus>> {
-        self.child
-            .try_wait()
-            .with_context(|| format!("checking on {}", self.what))
-    }
-
-    fn stop(&mut self) {
-        if std::mem::replace(&mut self.stopped, true) {
-            return;
-        }
-        let leader = Pid::from_raw(self.child.id() as i32);
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = kill(leader, Signal::SIGTERM);
-            let deadline = Instant::now() + self.grace;
-            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = killpg(leader, Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// `/tmp/qpnet-gcrash-<name>`: socket and logs. Removed on drop once the
-/// test passed; kept (and named in the output) when it failed.
-struct ScratchDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl ScratchDir {
-    fn create(name: &str) -> Result<ScratchDir> {
-        // Short and under /tmp: a unix socket path must fit in 108 bytes.
-        let path = PathBuf::from(format!("/tmp/qpnet-gcrash-{name}"));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(ScratchDir { path, keep: true })
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn read_lossy(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
-        .unwrap_or_default()
-}
-
-/// Print the last lines of one log.
-fn print_tail(what: &str, text: &str) {
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(300)..];
-    eprintln!(
-        "===== {what} ({} lines, last {}) =====",
-        lines.len(),
-        tail.len()
-    );
-    for line in tail {
-        eprintln!("{line}");
-    }
+    bed.start_guest(socket, "guest", &args)
 }
 
 // ---- unit tests of the parsers (no root needed) --------------------------
 
 #[test]
 fn serial_lines_are_read() {
+    use qpnet_tests::guest::HoldLine;
     let r = ResultLine::parse("QPNET-RESULT iperf-tx ok gbps=0.932 bytes=585760768 retransmits=3")
         .unwrap();
     assert!(r.ok() && !r.failed());
