@@ -82,6 +82,9 @@ struct Vring {
     /// Running in the queue pair's worker, or owed to its next worker (the
     /// worker died and its replacement has not started yet).
     started: bool,
+    /// The worker (by [`Worker::serial`]) that acknowledged this ring's
+    /// start: a ring stays `started` (owed) until a worker has it.
+    on_worker: Option<u64>,
 }
 
 /// A memory region as the VMM described it (copied out of the packed
@@ -303,17 +306,27 @@ impl Device {
     /// used index found in guest memory (chains are completed in order), and
     /// the guest is signalled once in case an interrupt was lost.
     fn resume_rings(&mut self, qp: usize) {
+        // A ring stays owed (`started`) until a worker acknowledged it;
+        // `on_worker` says which worker runs it. If the worker dies during
+        // the hand-over, its successor's bring_up (now, after a back-off, or
+        // after qpnet retry) resumes every owed ring.
+        let Some(serial) = self.workers[qp].as_ref().map(Worker::serial) else {
+            return;
+        };
         for i in [2 * qp, 2 * qp + 1] {
-            if !self.vrings[i].started {
+            if !self.vrings[i].started || self.vrings[i].on_worker == Some(serial) {
                 continue;
             }
-            self.vrings[i].started = false;
             match self.read_used_idx(i) {
                 Some(idx) => self.vrings[i].base = idx,
                 None => log::warn!("ring {i}: cannot read its used index; resuming at base"),
             }
             if let Err(e) = self.start_ring(i, true) {
                 log::error!("ring {i}: not resumed on the new worker: {e}");
+            }
+            if self.workers[qp].as_ref().map(Worker::serial) != Some(serial) {
+                // That worker died too; its successor resumed what is owed.
+                return;
             }
         }
     }
@@ -541,6 +554,11 @@ impl Device {
         if self.vrings[i].started || !self.ring_ready(i) {
             return Ok(());
         }
+        if self.health[i / 2].failed {
+            // Owed to the queue pair's next worker (qpnet retry, new VMM).
+            self.vrings[i].started = true;
+            return Ok(());
+        }
         self.start_ring(i, false)
     }
 
@@ -582,8 +600,20 @@ impl Device {
             .collect::<Result<_, _>>()
             .map_err(|e| Refusal(format!("ring {i}: dup of eventfd failed: {e}")))?;
         let borrowed: Vec<BorrowedFd<'_>> = owned.iter().map(|f| f.as_fd()).collect();
-        self.worker_call_ok(i / 2, &Request::StartRing(config), &borrowed)?;
+        // A resume is not retried here: the replacement's own bring_up
+        // resumes every owed ring.
+        match self.worker_call(
+            i / 2,
+            &Request::StartRing(config),
+            &borrowed,
+            !signal_on_start,
+        )? {
+            Reply::Ok => {}
+            Reply::Error { message } => return refuse(format!("queue pair {}: {message}", i / 2)),
+            other => return refuse(format!("queue pair {}: unexpected reply {other:?}", i / 2)),
+        }
         self.vrings[i].started = true;
+        self.vrings[i].on_worker = self.workers[i / 2].as_ref().map(Worker::serial);
         log::debug!(
             "ring {i}: started at {} ({} entries)",
             config.next_avail,
@@ -659,6 +689,9 @@ impl Device {
         }
         let req = self.features_request();
         for qp in 0..self.workers.len() {
+            if self.health[qp].failed {
+                continue; // its next worker gets them at start
+            }
             self.worker_call_ok(qp, &req, &[])?;
         }
         Ok(())
@@ -704,6 +737,9 @@ impl Device {
         self.mem = new;
         let mut result = Ok(());
         for qp in 0..self.workers.len() {
+            if self.health[qp].failed {
+                continue; // its next worker gets it at start
+            }
             let (req, fds) = self.mem_table_request();
             let owned: Vec<std::os::fd::OwnedFd> = fds
                 .iter()

@@ -19,6 +19,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One running worker process.
 pub struct Worker {
+    serial: u64,
     queue_pair: u16,
     channel: Channel,
     child: Child,
@@ -96,7 +97,9 @@ impl Worker {
             .with_context(|| format!("starting the worker of queue pair {queue_pair}"))?;
         drop(theirs_fd);
         let pidfd = pidfd_open(child.id()).context("pidfd_open on a new worker")?;
+        static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let mut worker = Worker {
+            serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             queue_pair,
             channel: ours,
             child,
@@ -115,6 +118,11 @@ impl Worker {
             }
             other => bail!("worker answered hello with {other:?}"),
         }
+    }
+
+    /// A number no other worker of this primary has (pids can be reused).
+    pub fn serial(&self) -> u64 {
+        self.serial
     }
 
     /// The worker's process id.
