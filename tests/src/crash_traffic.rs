@@ -724,6 +724,10 @@ pub struct KillEvent {
     /// CPU between the kill and the replacement being seen (schedstat): how
     /// much of the recovery the machine's load took.
     pub runq_wait_ns: Option<u64>,
+    /// Per queue pair, how long its worker spent runnable but waiting for a
+    /// CPU in the 100 ms after the kill (0 for the killed queue pair, and
+    /// when unknown): the part of a stall the machine, not qpnet, caused.
+    pub others_runq_wait_ns: Vec<u64>,
 }
 
 /// What one kill did.
