@@ -59,9 +59,12 @@ log="/var/log/qpnet/$name.log"
 mkdir -p /run/qpnet /var/log/qpnet
 sup=""; iperf=""
 cleanup() {
-  [ -n "$sup" ] && kill -TERM "$sup" 2>/dev/null && wait "$sup" 2>/dev/null
-  [ -n "$iperf" ] && kill "$iperf" 2>/dev/null
-  ip netns del "$ns" 2>/dev/null || true
+  # Best effort, every step: Ctrl-C may have ended some of these already.
+  set +e
+  if [ -n "$sup" ]; then kill -TERM "$sup" 2>/dev/null; wait "$sup" 2>/dev/null; fi
+  if [ -n "$iperf" ]; then kill "$iperf" 2>/dev/null; fi
+  ip netns del "$ns" 2>/dev/null
+  return 0
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

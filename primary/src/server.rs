@@ -244,7 +244,7 @@ impl Server {
                     // step. QEMU, for one, sends SET_VRING_ENABLE before
                     // SET_FEATURES (at realize time and when it reconnects);
                     // apply_early_vring_enable above already applied it.
-                    log::warn!("ignored a request the vhost-user state does not allow yet: {e}");
+                    log::debug!("vhost crate refused a request its state does not allow yet: {e}");
                 }
                 Err(
                     VhostError::Disconnected

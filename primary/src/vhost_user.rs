@@ -85,7 +85,7 @@ impl VhostUserDevice {
         let Some((index, enable)) = peek_vring_enable(fd) else {
             return;
         };
-        log::info!("vring {index}: SET_VRING_ENABLE({enable}) before SET_FEATURES: applied");
+        log::debug!("vring {index}: SET_VRING_ENABLE({enable}) before SET_FEATURES: applied");
         if let Err(e) = self.device.set_vring_enable(index, enable) {
             log::warn!("refused early SET_VRING_ENABLE: {e}");
         }
