@@ -922,11 +922,24 @@ fn validate_regions(regions: &[GuestRegion]) -> DevResult<()> {
         {
             return refuse(format!("memory region {n} wraps around the address space"));
         }
-        let file_len = r
+        let meta = r
             .file
             .metadata()
-            .map_err(|e| Refusal(format!("memory region {n}: fstat failed: {e}")))?
-            .len();
+            .map_err(|e| Refusal(format!("memory region {n}: fstat failed: {e}")))?;
+        if !meta.is_file() {
+            return refuse(format!(
+                "memory region {n}: its fd is not a regular file (memfd, hugetlbfs or tmpfs file)"
+            ));
+        }
+        // SAFETY: sysconf has no failure mode that touches memory.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        if !i.mmap_offset.is_multiple_of(page) {
+            return refuse(format!(
+                "memory region {n}: mmap offset {:#x} is not page aligned",
+                i.mmap_offset
+            ));
+        }
+        let file_len = meta.len();
         match i.mmap_offset.checked_add(i.memory_size) {
             Some(end) if end <= file_len => {}
             _ => {

@@ -20,6 +20,10 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::vhost_user::VhostUserDevice;
 
+/// Longest a VMM may take to finish sending one message, or to take our
+/// reply, before its connection is closed.
+pub const VMM_IO_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Where the VMM is.
 pub enum Endpoint {
     /// We listen; the VMM connects (QEMU `-chardev socket,path=...`).
@@ -219,6 +223,15 @@ impl Server {
 
     /// Serve one VMM until it disconnects (Ok(None)) or a signal (Ok(Some)).
     fn serve_vmm(&mut self, stream: UnixStream) -> Result<Option<Exit>> {
+        // A request is read only once poll says data is there, but a VMM
+        // that stops in the middle of a message (or never reads our
+        // replies) must not freeze this loop: signals, dead workers and the
+        // watchdog are all served here. Past the timeout the connection is
+        // closed like any malformed request.
+        stream
+            .set_read_timeout(Some(VMM_IO_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(VMM_IO_TIMEOUT)))
+            .context("setting timeouts on the VMM socket")?;
         let fd = stream.as_raw_fd();
         let mut handler = BackendReqHandler::from_stream(stream, self.dev.clone());
         loop {

@@ -104,8 +104,10 @@ impl IoVecs {
             // SAFETY: every iovec points into a live guest-memory mapping of
             // at least `iov_len` bytes (the list is rebuilt per batch from
             // the current map) and `skip + n <= iov_len`; our slice cannot
-            // overlap guest memory. The guest does not touch buffers it
-            // gave to the device until they are completed.
+            // overlap guest memory. We copy through raw pointers and make no
+            // reference into guest memory, so a hostile guest writing the
+            // same bytes concurrently can only leave garbage in its own
+            // buffer.
             unsafe {
                 std::ptr::copy_nonoverlapping(rest.as_ptr(), v.iov_base.cast::<u8>().add(skip), n)
             };

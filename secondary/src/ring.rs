@@ -148,6 +148,14 @@ impl Ring {
             check_eventfd("call", call)?;
         }
         set_nonblocking(&kick).map_err(StartError::Nonblocking)?;
+        // A call eventfd the VMM never reads would block a write once its
+        // counter is full; nonblocking, that interrupt is dropped instead.
+        // (The VMM shares the open file and could clear O_NONBLOCK again;
+        // then only this queue pair can hang, and the primary's watchdog
+        // replaces its worker.)
+        if let Some(call) = &call {
+            set_nonblocking(call).map_err(StartError::Nonblocking)?;
+        }
         let queue = build_queue(cfg, event_idx)?;
         if !queue.is_valid(mem.vm()) {
             return Err(StartError::OutsideMemory {

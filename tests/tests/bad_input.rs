@@ -289,6 +289,35 @@ fn unknown_and_malformed_messages_are_refused() -> Result<()> {
     check_unharmed(&mut bed, &workers)
 }
 
+/// A VMM that stops in the middle of a message and keeps its socket open
+/// must not freeze the primary: the connection is closed after the
+/// primary's I/O timeout (2 s), and qpnet serves the next VMM.
+#[test]
+fn a_message_stalled_mid_body_is_cut_off() -> Result<()> {
+    let (mut bed, workers) = testbed(QUEUE_PAIRS)?;
+    let mut raw = session(&bed)?;
+    raw.set_reply_timeout(Duration::from_secs(10));
+    let mut h = Vec::new();
+    for v in [req::SET_VRING_NUM, FLAG_VERSION | FLAG_NEED_REPLY, 8] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    let started = std::time::Instant::now();
+    // The header announces an 8-byte body; none follows.
+    raw.send_bytes(&h, &[], &[])?;
+    let reply = raw.recv_reply(req::SET_VRING_NUM)?;
+    let took = started.elapsed();
+    println!("stalled connection closed after {took:?}");
+    ensure!(
+        matches!(reply, Reply::Closed),
+        "a stalled message got {reply:?} instead of the connection closing"
+    );
+    ensure!(
+        took < Duration::from_secs(5),
+        "the stalled connection was closed only after {took:?} (timeout 2 s)"
+    );
+    check_unharmed(&mut bed, &workers)
+}
+
 #[test]
 fn vring_index_out_of_range_is_refused() -> Result<()> {
     let (mut bed, workers) = testbed(QUEUE_PAIRS)?;
