@@ -40,6 +40,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::chain::DescTable;
+use crate::counters::LocalCounters;
 use crate::guest_memory::GuestMemoryMap;
 
 /// Why a ring could not be started.
@@ -340,6 +341,26 @@ impl Ring {
             return Ok(false);
         }
         Ok(self.interrupt())
+    }
+
+    /// End a TX or RX run that moved `result`'s frames: publish the used
+    /// index and signal the guest once (even when the ring broke, so it sees
+    /// what was completed), and count the batch and the interrupt.
+    pub fn finish_run<T>(
+        &mut self,
+        mem: &GuestMemoryMap,
+        counters: &mut LocalCounters,
+        result: Result<(T, usize), RingFault>,
+    ) -> Result<T, RingFault> {
+        let signalled = self.signal_guest(mem);
+        let (outcome, moved) = result?;
+        if moved > 0 {
+            counters.batches += 1;
+        }
+        if signalled? {
+            counters.interrupts += 1;
+        }
+        Ok(outcome)
     }
 
     /// Write the call eventfd unconditionally. Returns whether it was written.

@@ -164,15 +164,7 @@ impl RxPath {
     ) -> Result<RxOutcome, RingFault> {
         let result = self.receive_frames(ring, mem, tap, features, counters, flows, budget);
         self.give_back(ring);
-        let signalled = ring.signal_guest(mem);
-        let (outcome, moved) = result?;
-        if moved > 0 {
-            counters.batches += 1;
-        }
-        if signalled? {
-            counters.interrupts += 1;
-        }
-        Ok(outcome)
+        ring.finish_run(mem, counters, result)
     }
 
     /// Drop a held frame (the ring is stopped or reset).

@@ -81,16 +81,7 @@ impl TxPath {
         budget: usize,
     ) -> Result<TxOutcome, RingFault> {
         let result = self.drain(ring, mem, tap, features, counters, flows, budget);
-        // Even when the ring broke, the guest should see what was completed.
-        let signalled = ring.signal_guest(mem);
-        let (outcome, moved) = result?;
-        if moved > 0 {
-            counters.batches += 1;
-        }
-        if signalled? {
-            counters.interrupts += 1;
-        }
-        Ok(outcome)
+        ring.finish_run(mem, counters, result)
     }
 
     // Each argument is a separate borrow of a worker field (ring, memory,
