@@ -477,11 +477,32 @@ fn overlapping_and_impossible_memory_regions_are_refused() -> Result<()> {
                 },
             ],
         ),
+        (
+            "an mmap offset that is not page aligned (region still inside its file)",
+            vec![MemEntry {
+                mmap_offset: 0x800,
+                size: e[0].size - 0x1000,
+                ..e[0]
+            }],
+        ),
     ];
     for (what, table) in cases {
         let raw = session(&bed)?;
-        let r = raw.request(req::SET_MEM_TABLE, &mem_table(&table), &fds(&mem));
+        let fds = fds(&mem);
+        let r = raw.request(req::SET_MEM_TABLE, &mem_table(&table), &fds[..table.len()]);
         bed.explain(r.and_then(|reply| ensure_refused(what, reply)))?;
+    }
+    // A pipe where a memory fd belongs: not a file that can be mapped. (Its
+    // session is closed before the check: qpnet serves one VMM at a time.)
+    {
+        let (pipe_r, _pipe_w) = nix::unistd::pipe()?;
+        let raw = session(&bed)?;
+        let r = raw.request(
+            req::SET_MEM_TABLE,
+            &mem_table(&e[..1]),
+            &[pipe_r.as_raw_fd()],
+        );
+        bed.explain(r.and_then(|reply| ensure_refused("a pipe as a memory region's fd", reply)))?;
     }
     check_unharmed(&mut bed, &workers)
 }
