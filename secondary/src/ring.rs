@@ -10,10 +10,23 @@
 //!
 //! The used ring is written here, not through virtio-queue: elements go
 //! straight to guest memory and the used index is published once per batch
-//! (or every [`PUBLISH_EVERY`] chains), which saves a store to a cache line
-//! the guest polls for every frame. virtio-queue keeps the avail side
-//! (taking heads, the avail-index sanity check, kick suppression) and the
-//! ring validation.
+//! (or once at least [`PUBLISH_EVERY`] chains are waiting), which saves a
+//! store to a cache line the guest polls for every frame. virtio-queue keeps
+//! the avail side (taking heads, the avail-index sanity check, kick
+//! suppression) and the ring validation.
+//!
+//! Frame boundaries. A frame is completed whole, by one
+//! [`Ring::complete_frame`] call with every chain it used (one on TX; with
+//! MRG_RXBUF up to `num_buffers` on RX). Its used elements are written
+//! first and `next_used` moves past all of them only when all were written,
+//! so `next_used` -- and with it every used index this ring ever publishes,
+//! every position StopRing / GET_VRING_BASE reports and where a faulted ring
+//! stopped -- is always at a frame boundary. The guest never sees a frame
+//! whose `num_buffers` says N while fewer than N of its buffers are used,
+//! and a worker killed at any instant leaves the published used index at a
+//! boundary: resuming there (the crash hand-over reads it from guest memory)
+//! is always safe, because no chain before it belongs to a frame still
+//! being written and no chain after it is visible to the guest.
 //!
 //! Notifications. While a path is busy it suppresses kicks
 //! ([`Ring::suppress_kicks`]); when it runs dry it re-arms them and re-checks
@@ -121,7 +134,8 @@ pub struct Ring {
 }
 
 /// Completed chains after which the used index is published even in the
-/// middle of a batch, so the guest can start on them early.
+/// middle of a batch (after the frame that reaches it, never inside one), so
+/// the guest can start on them early.
 pub const PUBLISH_EVERY: u16 = 64;
 
 impl Ring {
@@ -187,7 +201,7 @@ impl Ring {
         self.queue.next_avail()
     }
 
-    /// Index of the next used entry to fill.
+    /// Index of the next used entry to fill: always at a frame boundary.
     pub fn next_used(&self) -> u16 {
         self.next_used.0
     }
@@ -239,22 +253,35 @@ impl Ring {
         self.queue.set_next_avail(next.0);
     }
 
-    /// Put chain `head` in the used ring with `len` bytes written. The used
-    /// index follows at the end of the batch ([`Ring::signal_guest`]).
-    pub fn complete(&mut self, mem: &GuestMemoryMap, head: u16, len: u32) -> Result<(), RingFault> {
+    /// Put the chains of one frame in the used ring: `(head, bytes written)`
+    /// for each, in order. All of them become visible together: the used
+    /// index moves past the whole frame or not at all (on a fault nothing of
+    /// this frame counts as used). The used index is published at the end
+    /// of the batch ([`Ring::signal_guest`]) or here, after this frame, once
+    /// [`PUBLISH_EVERY`] chains are waiting.
+    pub fn complete_frame(
+        &mut self,
+        mem: &GuestMemoryMap,
+        chains: impl IntoIterator<Item = (u16, u32)>,
+    ) -> Result<(), RingFault> {
         let size = self.queue.size();
-        if head >= size {
-            return Err(RingFault::HeadOutOfRange { head, size });
+        let mut at = self.next_used;
+        for (head, len) in chains {
+            if head >= size {
+                return Err(RingFault::HeadOutOfRange { head, size });
+            }
+            let slot = u64::from(at.0 % size);
+            let addr = self.used_ring_addr(4 + 8 * slot)?;
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            if !mem.write_bytes(addr.0, &elem) {
+                return Err(RingFault::Memory { addr: addr.0 });
+            }
+            at += Wrapping(1);
         }
-        let slot = u64::from(self.next_used.0 % size);
-        let addr = self.used_ring_addr(4 + 8 * slot)?;
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        if !mem.write_bytes(addr.0, &elem) {
-            return Err(RingFault::Memory { addr: addr.0 });
-        }
-        self.next_used += Wrapping(1);
+        // The frame boundary: only here does next_used move.
+        self.next_used = at;
         if (self.next_used - self.published_used).0 >= PUBLISH_EVERY {
             self.publish_used(mem)?;
         }
@@ -262,6 +289,7 @@ impl Ring {
     }
 
     /// Store the used index in guest memory (after the elements: release).
+    /// `next_used` is always at a frame boundary (see [`Ring::complete_frame`]).
     pub fn publish_used(&mut self, mem: &GuestMemoryMap) -> Result<(), RingFault> {
         if self.next_used == self.published_used {
             return Ok(());
@@ -465,12 +493,12 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{desc, TestMemory, TestRing, BUF_BASE};
+    use crate::test_util::{desc, TestMemory, TestRing, BUF_BASE, F_WRITE};
 
     fn take_and_complete(ring: &mut Ring, m: &TestMemory, n: usize) {
         for _ in 0..n {
             let head = ring.pop(&m.map).unwrap().expect("a chain");
-            ring.complete(&m.map, head, 0).unwrap();
+            ring.complete_frame(&m.map, [(head, 0)]).unwrap();
         }
     }
 
@@ -494,6 +522,43 @@ mod tests {
             !ring.signal_guest(&m.map).unwrap(),
             "nothing new: no interrupt"
         );
+    }
+
+    #[test]
+    fn a_frame_is_published_whole_even_across_the_publish_threshold() {
+        let m = TestMemory::new();
+        let mut tr = TestRing::new(&m, 256);
+        for _ in 0..70 {
+            tr.add_chain(&[desc(BUF_BASE, 64, F_WRITE, 0)]);
+        }
+        let mut ring = tr.start(&m, false);
+        take_and_complete(&mut ring, &m, 60);
+        assert_eq!(tr.used_idx(&m), 0);
+        // One frame of 8 chains: 60..68 straddles PUBLISH_EVERY (64).
+        let heads: Vec<u16> = (0..8).map(|_| ring.pop(&m.map).unwrap().unwrap()).collect();
+        ring.complete_frame(&m.map, heads.iter().map(|&h| (h, 64)))
+            .unwrap();
+        assert_eq!(tr.used_idx(&m), 68, "published after the whole frame");
+        assert_eq!(ring.next_used(), 68);
+    }
+
+    #[test]
+    fn a_frame_that_faults_halfway_leaves_the_used_index_at_its_start() {
+        let m = TestMemory::new();
+        let mut tr = TestRing::new(&m, 16);
+        for _ in 0..4 {
+            tr.add_chain(&[desc(BUF_BASE, 64, F_WRITE, 0)]);
+        }
+        let mut ring = tr.start(&m, false);
+        take_and_complete(&mut ring, &m, 1);
+        let a = ring.pop(&m.map).unwrap().unwrap();
+        let err = ring
+            .complete_frame(&m.map, [(a, 64), (16, 64)])
+            .unwrap_err();
+        assert!(matches!(err, RingFault::HeadOutOfRange { head: 16, .. }));
+        assert_eq!(ring.next_used(), 1, "nothing of the broken frame is used");
+        assert!(ring.signal_guest(&m.map).unwrap());
+        assert_eq!(tr.used_idx(&m), 1);
     }
 
     #[test]

@@ -253,6 +253,17 @@ impl<'a> TestRing<'a> {
             .collect()
     }
 
+    /// Used entry number `i` (modulo the ring size): (head, len).
+    pub fn used_entry(&self, i: u16) -> (u16, u32) {
+        let e = self
+            .used
+            .ring()
+            .ref_at(usize::from(i % self.size))
+            .unwrap()
+            .load();
+        (e.id() as u16, e.len())
+    }
+
     /// Whether the call eventfd was written since the last look.
     pub fn interrupted(&self) -> bool {
         let mut b = [0u8; 8];

@@ -105,7 +105,7 @@ impl TxPath {
                     break;
                 };
                 match self.send_chain(ring, mem, tap, features, head, counters, flows) {
-                    Sent::Done => ring.complete(mem, head, 0)?,
+                    Sent::Done => ring.complete_frame(mem, [(head, 0)])?,
                     Sent::Blocked => {
                         ring.unpop(1);
                         return Ok((TxOutcome::TapBlocked, moved));

@@ -298,6 +298,10 @@ pub struct Records {
     pub rx_foreign: u64,
     /// Every ring's final indices.
     pub rings: Vec<RingEnd>,
+    /// Times the driver found an RX used index inside a frame (must be 0).
+    pub rx_used_index_inside_frame: u64,
+    /// RX test frames that spanned more than one buffer.
+    pub rx_multi_buffer: u64,
 }
 
 /// Live counters, shared by the load's threads and the test.
@@ -453,6 +457,8 @@ pub fn run_load<R>(
                 rx_corrupt: driven.rx_corrupt,
                 rx_foreign: driven.rx_foreign,
                 rings: driven.rings,
+                rx_used_index_inside_frame: driven.rx_used_index_inside_frame,
+                rx_multi_buffer: driven.rx_multi_buffer,
             },
         ))
     })
@@ -471,6 +477,8 @@ struct Driven {
     rx_corrupt: Vec<String>,
     rx_foreign: u64,
     rings: Vec<RingEnd>,
+    rx_used_index_inside_frame: u64,
+    rx_multi_buffer: u64,
 }
 
 /// The driver thread: push TX frames every tick, reap TX and RX, and after
@@ -484,6 +492,8 @@ fn drive(vmm: &mut Vmm, cfg: &LoadConfig, live: &Live) -> Result<Driven> {
         rx_corrupt: Vec::new(),
         rx_foreign: 0,
         rings: Vec::new(),
+        rx_used_index_inside_frame: 0,
+        rx_multi_buffer: 0,
     };
     let mut next_tick = Instant::now();
     let mut drain_started: Option<Instant> = None;
@@ -526,6 +536,7 @@ fn drive(vmm: &mut Vmm, cfg: &LoadConfig, live: &Live) -> Result<Driven> {
         }
     }
     out.rings = ring_ends(vmm);
+    out.rx_used_index_inside_frame = vmm.rx.iter().map(|r| r.used_index_inside_frame()).sum();
     Ok(out)
 }
 
@@ -569,6 +580,9 @@ fn reap_rx(vmm: &mut Vmm, live: &Live, out: &mut Driven) -> Result<bool> {
             }
             match verify(&f.data) {
                 Ok(id) if id.queue == RX_TAG => {
+                    if f.buffers > 1 {
+                        out.rx_multi_buffer += 1;
+                    }
                     let flow = match parse(&f.data).map(|s| s.kind) {
                         Some(FrameKind::Udp { flow }) => flow,
                         _ => u16::MAX,
@@ -958,6 +972,12 @@ fn check_rx(records: &Records, kills: &[KillEvent], a: &mut Analysis) {
     if !records.rx_corrupt.is_empty() {
         a.problems
             .push(format!("corrupt RX frames: {:?}", records.rx_corrupt));
+    }
+    if records.rx_used_index_inside_frame > 0 {
+        a.problems.push(format!(
+            "the RX used index was published inside a frame {} times",
+            records.rx_used_index_inside_frame
+        ));
     }
     let sent = records.rx_sent_at.len();
     let mut count = vec![0u32; sent];

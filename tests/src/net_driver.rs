@@ -323,6 +323,12 @@ pub struct RxDriver {
     partial: Option<PartialFrame>,
     reserved: u16,
     raw_completions: Vec<UsedElem>,
+    /// Used entries reaped so far (never wraps).
+    used_total: u64,
+    /// Times the device's used index was seen inside a frame.
+    inside_frame: u64,
+    /// With [`RxDriver::record_frame_ends`]: `used_total` after each frame.
+    frame_ends: Option<Vec<u64>>,
 }
 
 impl RxDriver {
@@ -348,6 +354,9 @@ impl RxDriver {
             partial: None,
             reserved: 0,
             raw_completions: Vec::new(),
+            used_total: 0,
+            inside_frame: 0,
+            frame_ends: None,
         })
     }
 
@@ -403,6 +412,7 @@ impl RxDriver {
                     self.buf_size
                 );
             }
+            self.used_total += 1;
             let id = elem.id as u16;
             if id < self.reserved {
                 self.raw_completions.push(elem);
@@ -413,14 +423,41 @@ impl RxDriver {
             self.queue.push_avail(id);
             reposted = true;
             if let Some(frame) = self.absorb(bytes)? {
+                if let Some(ends) = &mut self.frame_ends {
+                    ends.push(self.used_total);
+                }
                 frames.push(frame);
             }
+        }
+        // pop_used stopped at the device's used index: with a frame still
+        // partial, that index was inside a frame (its num_buffers says more
+        // buffers than were used), which the device must never publish.
+        if self.partial.is_some() {
+            self.inside_frame += 1;
         }
         if reposted {
             self.queue.publish();
             self.fds.kick()?;
         }
         Ok(frames)
+    }
+
+    /// How many times a reap found the device's used index inside a frame
+    /// (fewer buffers used than the frame's `num_buffers`): must stay 0.
+    pub fn used_index_inside_frame(&self) -> u64 {
+        self.inside_frame
+    }
+
+    /// From now on, note the used-entry count at the end of every frame
+    /// ([`RxDriver::take_frame_ends`]).
+    pub fn record_frame_ends(&mut self) {
+        self.frame_ends = Some(vec![self.used_total]);
+    }
+
+    /// The used-entry counts (since the ring started, not wrapped) at which
+    /// a frame ended, since [`RxDriver::record_frame_ends`].
+    pub fn take_frame_ends(&mut self) -> Vec<u64> {
+        self.frame_ends.take().unwrap_or_default()
     }
 
     /// Completions of the test's own (reserved) descriptors.

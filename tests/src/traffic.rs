@@ -273,6 +273,8 @@ pub struct RxReport {
     /// Test frames of an earlier run (another tag), left in the TAP's
     /// queues and delivered now; ignored.
     pub stale: u64,
+    /// Times the driver found a used index inside a frame (must be 0).
+    pub used_index_inside_frame: u64,
 }
 
 /// Tags RX runs apart (carried in [`FrameId::queue`]), so frames an earlier
@@ -315,6 +317,7 @@ pub fn rx_traffic_lossy(
     };
     let mut seen = vec![0u8; count as usize];
     let mut problems: Vec<String> = Vec::new();
+    let inside_before: u64 = vmm.rx.iter().map(|r| r.used_index_inside_frame()).sum();
     std::thread::scope(|s| -> Result<()> {
         let sender = s.spawn(|| -> Result<()> {
             for seq in 0..count {
@@ -352,6 +355,18 @@ pub fn rx_traffic_lossy(
             .map_err(|_| anyhow::anyhow!("sender panicked"))?;
         result.and(sent)
     })?;
+    report.used_index_inside_frame = vmm
+        .rx
+        .iter()
+        .map(|r| r.used_index_inside_frame())
+        .sum::<u64>()
+        - inside_before;
+    if report.used_index_inside_frame > 0 {
+        problems.push(format!(
+            "the used index was published inside a frame {} times",
+            report.used_index_inside_frame
+        ));
+    }
     let missing: Vec<u32> = (0..count).filter(|&i| seen[i as usize] == 0).collect();
     let dups: Vec<u32> = (0..count).filter(|&i| seen[i as usize] > 1).collect();
     report.lost = missing.len() as u32;

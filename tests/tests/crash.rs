@@ -44,8 +44,8 @@ const WEDGED_LIMIT_NS: u64 = 2_000_000_000;
 /// How long after a kill the other queue pairs are watched.
 const KILL_WINDOW_NS: u64 = 100_000_000;
 /// RX frames a dead worker can have read and not yet published: qpnet
-/// publishes the used index at least every 64 completions (ring.rs
-/// PUBLISH_EVERY), so at most 63 completed + 1 being read.
+/// publishes the used index after the frame that brings 64 completed chains
+/// (ring.rs PUBLISH_EVERY), so at most 63 completed frames + 1 being read.
 const RX_IN_FLIGHT_MAX: u64 = 64;
 /// A worker killed sooner than this after its start is a quick crash for
 /// the primary (supervisor.rs QUICK_LIFETIME is 1 s; margin added).
@@ -408,9 +408,9 @@ fn check_kills(a: &Analysis, kills: &[KillEvent], recovery_limit_ns: u64) -> Res
 // ---- scenarios ----------------------------------------------------------------
 
 /// Connect a VMM to `bed` and open the stamping socket.
-fn connect(bed: &mut Testbed) -> Result<(Vmm, StampedTap)> {
+fn connect(bed: &mut Testbed, config: VmmConfig) -> Result<(Vmm, StampedTap)> {
     let stamped = StampedTap::open(&bed.ns, TAP_NAME)?;
-    let vmm = bed.vmm(vmm_config())?;
+    let vmm = bed.vmm(config)?;
     bed.qpnet
         .wait_workers(usize::from(QPS), Duration::from_secs(10))?;
     Ok((vmm, stamped))
@@ -428,15 +428,26 @@ fn under_load(
     window_ns: u64,
     control: impl FnOnce(&Testbed, &LoadView<'_>) -> Result<Vec<KillEvent>>,
 ) -> Result<(Vec<KillEvent>, Records, Analysis)> {
-    let (mut vmm, stamped) = connect(bed)?;
+    under_load_with(
+        bed,
+        (vmm_config(), LoadConfig::default()),
+        window_ns,
+        control,
+    )
+}
+
+/// [`under_load`] with a VMM configured by `config.0` and the load `config.1`.
+fn under_load_with(
+    bed: &mut Testbed,
+    (config, load): (VmmConfig, LoadConfig),
+    window_ns: u64,
+    control: impl FnOnce(&Testbed, &LoadView<'_>) -> Result<Vec<KillEvent>>,
+) -> Result<(Vec<KillEvent>, Records, Analysis)> {
+    let (mut vmm, stamped) = connect(bed, config)?;
     let bed_ref: &Testbed = bed;
-    let r = run_load(
-        &mut vmm,
-        &bed_ref.tap,
-        &stamped,
-        &LoadConfig::default(),
-        |view| control(bed_ref, view),
-    );
+    let r = run_load(&mut vmm, &bed_ref.tap, &stamped, &load, |view| {
+        control(bed_ref, view)
+    });
     let (kills, records) = bed.explain(r)?;
     let analysis = analyze(&records, &kills, window_ns);
     Ok((kills, records, analysis))
@@ -611,6 +622,79 @@ fn a_thousand_kills_under_load_each_recover_and_leak_nothing() -> Result<()> {
         "the kill schedule let the primary's back-off kick in"
     );
     check_kills(&a, &kills, RECOVERY_LIMIT_NS)?;
+    bed.qpnet.check_alive()
+}
+
+/// Issue 13: workers killed again and again while RX frames of several
+/// buffers each flow toward the guest (256-byte mergeable buffers) and TX
+/// frames flow out. Every RX frame that arrives is byte-exact (the driver
+/// reassembles it by its num_buffers, so a frame split by a kill, or one
+/// finished in the slot of another, fails verification), the used index is
+/// never seen inside a frame, nothing arrives twice, and the only frames
+/// lost are those a dead worker had in flight.
+#[test]
+fn multi_buffer_rx_frames_stay_whole_across_worker_kills() -> Result<()> {
+    let _serial = serial();
+    let mut bed = crash_bed(&["--crash-limit", "0"])?;
+    // 128-byte buffers (a 1514-byte frame takes 14) and 30,000 RX frames
+    // a second: a worker's run completes well over 64 chains (ring.rs
+    // PUBLISH_EVERY), so kills land inside frames whose chains straddle a
+    // publish point.
+    let config = VmmConfig {
+        rx_buf_size: 128,
+        ..vmm_config()
+    };
+    let load = LoadConfig {
+        rx_per_sec: 30_000,
+        ..LoadConfig::default()
+    };
+    let (kills, records, a) =
+        under_load_with(&mut bed, (config, load), KILL_WINDOW_NS, |bed, view| {
+            kill_campaign(bed, view, 200)
+        })?;
+    report("200 SIGKILLs, multi-buffer RX", &a, &kills);
+    let lost_at: Vec<String> = a
+        .kills
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k.rx_lost > 0)
+        .map(|(i, k)| format!("kill {i}: {}", k.rx_lost))
+        .collect();
+    eprintln!(
+        "RX: {} frames received, {} of them over several buffers; {} lost in all ({}); used \
+         index seen inside a frame {} times",
+        records.rx_arrivals.len(),
+        records.rx_multi_buffer,
+        a.rx_lost,
+        if lost_at.is_empty() {
+            "none".into()
+        } else {
+            lost_at.join(", ")
+        },
+        records.rx_used_index_inside_frame
+    );
+    ensure!(
+        records.rx_multi_buffer * 2 > records.rx_arrivals.len() as u64,
+        "most RX frames must span several buffers for the kills to land inside frames: {} of {}",
+        records.rx_multi_buffer,
+        records.rx_arrivals.len()
+    );
+    ensure!(
+        a.problems.is_empty(),
+        "broken invariants: {:#?}",
+        a.problems
+    );
+    for (i, k) in a.kills.iter().enumerate() {
+        ensure!(
+            k.rx_lost <= RX_IN_FLIGHT_MAX,
+            "kill {i}: {} RX frames lost, more than can be in flight ({RX_IN_FLIGHT_MAX})",
+            k.rx_lost
+        );
+        ensure!(
+            k.recovery_ns.is_some(),
+            "kill {i}: its queue pair never forwarded again"
+        );
+    }
     bed.qpnet.check_alive()
 }
 

@@ -300,3 +300,125 @@ fn a_new_vmm_connection_works_after_the_previous_one_left() -> Result<()> {
     );
     bed.qpnet.check_alive()
 }
+
+/// Watches one ring's used index from a thread of its own, as a guest
+/// driver polling its ring would, and records every value it sees.
+struct UsedIndexWatcher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<u16>>>,
+}
+
+impl UsedIndexWatcher {
+    fn start(mem: std::sync::Arc<qpnet_tests::memory::GuestMemory>, used_ring: u64) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut last = mem.load_u16(used_ring + 2);
+            let mut idle = 0u32;
+            while !flag.load(Ordering::Relaxed) {
+                let now = mem.load_u16(used_ring + 2);
+                if now != last {
+                    seen.push(now);
+                    last = now;
+                    idle = 0;
+                } else {
+                    idle += 1;
+                    if idle.is_multiple_of(256) {
+                        // Share the two CPUs with the worker and the sender.
+                        std::thread::yield_now();
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+            seen
+        });
+        UsedIndexWatcher {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Result<Vec<u16>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .context("watcher already finished")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the used-index watcher panicked"))
+    }
+}
+
+/// Issue 13: the RX used index is only ever published at a frame boundary.
+/// Small mergeable buffers make most frames span several of them, so frames
+/// straddle every multiple of 64 used entries (qpnet's mid-batch publish
+/// point); a watcher thread polls the used index all the while, and every
+/// value it saw must be the end of a whole frame (the running sum of the
+/// frames' num_buffers), as must every index the driver itself stopped at.
+#[test]
+fn rx_used_index_is_published_only_at_frame_boundaries() -> Result<()> {
+    const FRAMES: u32 = 100_000;
+    let mut bed = Testbed::new(1)?;
+    let mut vmm = bed.vmm(VmmConfig {
+        event_idx: true,
+        rx_buf_size: 256,
+        ..VmmConfig::default()
+    })?;
+    vmm.rx[0].record_frame_ends();
+    let watcher = UsedIndexWatcher::start(vmm.memory().clone(), vmm.rx[0].queue.layout().used);
+    let r = rx_traffic(
+        &mut vmm,
+        &bed.tap,
+        FRAMES,
+        16,
+        mixed_len,
+        Duration::from_secs(300),
+    );
+    let seen = watcher.finish()?;
+    let report = bed.explain(r)?;
+    let ends = vmm.rx[0].take_frame_ends();
+    let boundaries: BTreeSet<u64> = ends.iter().copied().collect();
+    // Frames whose buffers cross a multiple of 64 used entries.
+    let straddling = ends
+        .windows(2)
+        .filter(|w| w[0] / 64 != (w[1] - 1) / 64)
+        .count();
+    // Unwrap the 16-bit indices the watcher saw (each step is < ring size).
+    let mut at = 0u64;
+    let mut inside = Vec::new();
+    for &v in &seen {
+        at += u64::from(v.wrapping_sub(at as u16));
+        if !boundaries.contains(&at) {
+            inside.push(at);
+        }
+    }
+    eprintln!(
+        "{} frames over {} used entries, {straddling} straddling a multiple of 64; the watcher \
+         saw {} used-index values, {} inside a frame; the driver stopped inside a frame {} times",
+        ends.len() - 1,
+        ends.last().copied().unwrap_or(0),
+        seen.len(),
+        inside.len(),
+        report.used_index_inside_frame
+    );
+    ensure!(
+        ends.len() > FRAMES as usize && report.max_buffers >= 6,
+        "expected {FRAMES} frames of up to 6 buffers: {report:?}"
+    );
+    ensure!(
+        straddling > 1_000,
+        "only {straddling} frames straddled a multiple of 64 used entries"
+    );
+    ensure!(
+        seen.len() > 1_000,
+        "the watcher saw only {} used-index values",
+        seen.len()
+    );
+    ensure!(
+        inside.is_empty(),
+        "the used index was published inside a frame {} times, first at used entries {:?}",
+        inside.len(),
+        &inside[..inside.len().min(10)]
+    );
+    bed.qpnet.check_alive()
+}
