@@ -9,12 +9,21 @@
 //!
 //! The first exchange is [`Request::Hello`] / [`Reply::Hello`], which checks
 //! [`PROTOCOL_VERSION`] on both sides.
+//!
+//! Facts both sides must agree on are defined here once: how many fds each
+//! request carries and what kind they are ([`Request::check_fds`],
+//! [`check_eventfd`]), and the rules of a memory table
+//! ([`memory_table::validate_table`]).
 #![deny(missing_docs)]
 
 mod channel;
+mod fds;
+pub mod memory_table;
 mod messages;
 
 pub use channel::{Channel, IpcError, MAX_FDS, MAX_MESSAGE_SIZE};
+pub use fds::{check_eventfd, FdError};
+pub use memory_table::MemoryTableError;
 pub use messages::{
     MemoryRegion, Reply, Request, RingConfig, RingKind, PROTOCOL_VERSION, WORKER_CONTROL_FD,
 };

@@ -27,8 +27,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use qpnet_ipc::{MemoryRegion, Reply, Request, RingConfig, RingKind};
-use qpnet_shared::{QueueStats, SharedRegion, WorkerState};
+use qpnet_ipc::memory_table::validate_table;
+use qpnet_ipc::{check_eventfd, MemoryRegion, Reply, Request, RingConfig, RingKind};
+use qpnet_shared::{monotonic_ns, QueueStats, SharedRegion, WorkerState};
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 
 use crate::features;
@@ -113,6 +114,17 @@ struct GuestRegion {
     file: File,
 }
 
+impl GuestRegion {
+    /// The region as workers get it (no VMM address).
+    fn table_entry(&self) -> MemoryRegion {
+        MemoryRegion {
+            guest_phys_addr: self.info.guest_phys_addr,
+            size: self.info.memory_size,
+            mmap_offset: self.info.mmap_offset,
+        }
+    }
+}
+
 /// The device and the workers that run its queue pairs.
 pub struct Device {
     config: DeviceConfig,
@@ -134,12 +146,6 @@ fn ring_bytes(kind: usize, num: u64) -> u64 {
         1 => 6 + 2 * num, // available ring incl. used_event
         _ => 6 + 8 * num, // used ring incl. avail_event
     }
-}
-
-fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map(|p| p.as_os_str() == "anon_inode:[eventfd]")
-        .unwrap_or(false)
 }
 
 impl Device {
@@ -226,15 +232,7 @@ impl Device {
     }
 
     fn mem_table_request(&self) -> (Request, Vec<BorrowedFd<'_>>) {
-        let regions = self
-            .mem
-            .iter()
-            .map(|r| MemoryRegion {
-                guest_phys_addr: r.info.guest_phys_addr,
-                size: r.info.memory_size,
-                mmap_offset: r.info.mmap_offset,
-            })
-            .collect();
+        let regions = self.mem.iter().map(GuestRegion::table_entry).collect();
         let fds = self.mem.iter().map(|r| r.file.as_fd()).collect();
         (Request::SetMemTable { regions }, fds)
     }
@@ -837,9 +835,9 @@ impl Device {
             }
         };
         make_cloexec(fd.as_fd());
-        if !is_eventfd(fd.as_fd()) {
+        if let Err(e) = check_eventfd("kick", fd.as_fd()) {
             self.check_index(index as u32)?;
-            return refuse(format!("vring {index}: kick fd is not an eventfd"));
+            return refuse(format!("vring {index}: {e}"));
         }
         self.update_ring(index as u32, |v| v.kick = Some(fd))
     }
@@ -848,9 +846,9 @@ impl Device {
     pub fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> DevResult<()> {
         if let Some(f) = fd.as_ref() {
             make_cloexec(f.as_fd());
-            if !is_eventfd(f.as_fd()) {
+            if let Err(e) = check_eventfd("call", f.as_fd()) {
                 self.check_index(index as u32)?;
-                return refuse(format!("vring {index}: call fd is not an eventfd"));
+                return refuse(format!("vring {index}: {e}"));
             }
         }
         self.update_ring(index as u32, |v| v.call = fd)
@@ -861,8 +859,8 @@ impl Device {
         self.check_index(index as u32)?;
         if let Some(f) = fd.as_ref() {
             make_cloexec(f.as_fd());
-            if !is_eventfd(f.as_fd()) {
-                return refuse(format!("vring {index}: error fd is not an eventfd"));
+            if let Err(e) = check_eventfd("error", f.as_fd()) {
+                return refuse(format!("vring {index}: {e}"));
             }
         }
         Ok(())
@@ -892,12 +890,6 @@ impl Device {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
 fn fd_readable(fd: BorrowedFd<'_>) -> bool {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
@@ -908,57 +900,25 @@ fn fd_readable(fd: BorrowedFd<'_>) -> bool {
     unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
 }
 
-/// Check a memory table: regions non-empty, no overflow, no overlap in
-/// guest-physical or VMM space, and each region inside its file (a mapping
-/// past the end of a file would SIGBUS on access).
+/// Check a memory table: the rules every worker checks too
+/// (`qpnet_ipc::memory_table`, the same function), plus the one only the
+/// primary can check: no wrap-around or overlap in the VMM's address space
+/// (ring addresses are translated through it).
 fn validate_regions(regions: &[GuestRegion]) -> DevResult<()> {
+    let table: Vec<MemoryRegion> = regions.iter().map(GuestRegion::table_entry).collect();
+    let files: Vec<&File> = regions.iter().map(|r| &r.file).collect();
+    validate_table(&table, &files).map_err(|e| Refusal(format!("memory table refused: {e}")))?;
     for (n, r) in regions.iter().enumerate() {
         let i = &r.info;
-        if i.memory_size == 0 {
-            return refuse(format!("memory region {n} has size 0"));
-        }
-        if i.guest_phys_addr.checked_add(i.memory_size).is_none()
-            || i.user_addr.checked_add(i.memory_size).is_none()
-        {
-            return refuse(format!("memory region {n} wraps around the address space"));
-        }
-        let meta = r
-            .file
-            .metadata()
-            .map_err(|e| Refusal(format!("memory region {n}: fstat failed: {e}")))?;
-        if !meta.is_file() {
-            return refuse(format!(
-                "memory region {n}: its fd is not a regular file (memfd, hugetlbfs or tmpfs file)"
-            ));
-        }
-        // SAFETY: sysconf has no failure mode that touches memory.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-        if !i.mmap_offset.is_multiple_of(page) {
-            return refuse(format!(
-                "memory region {n}: mmap offset {:#x} is not page aligned",
-                i.mmap_offset
-            ));
-        }
-        let file_len = meta.len();
-        match i.mmap_offset.checked_add(i.memory_size) {
-            Some(end) if end <= file_len => {}
-            _ => {
-                return refuse(format!(
-                    "memory region {n} (offset {:#x} + size {:#x}) extends past the end of its file ({file_len:#x} bytes)",
-                    i.mmap_offset, i.memory_size
-                ))
-            }
-        }
+        let end = i.user_addr.checked_add(i.memory_size).ok_or_else(|| {
+            Refusal(format!(
+                "memory region {n} wraps around the VMM's address space"
+            ))
+        })?;
         for (m, o) in regions.iter().enumerate().take(n) {
             let o = &o.info;
-            let overlap =
-                |a: u64, b: u64| a < b + o.memory_size.min(u64::MAX - b) && b < a + i.memory_size;
-            if overlap(i.guest_phys_addr, o.guest_phys_addr) {
-                return refuse(format!(
-                    "memory regions {m} and {n} overlap in guest-physical space"
-                ));
-            }
-            if overlap(i.user_addr, o.user_addr) {
+            // No overflow: checked for region m on its own turn.
+            if i.user_addr < o.user_addr + o.memory_size && o.user_addr < end {
                 return refuse(format!(
                     "memory regions {m} and {n} overlap in VMM address space"
                 ));
@@ -966,4 +926,82 @@ fn validate_regions(regions: &[GuestRegion]) -> DevResult<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    fn memfd(len: u64) -> File {
+        let fd = nix::sys::memfd::memfd_create(c"qpnet-test", nix::sys::memfd::MFdFlags::empty())
+            .expect("memfd_create");
+        nix::unistd::ftruncate(&fd, len as i64).expect("ftruncate");
+        File::from(fd)
+    }
+
+    fn region(gpa: u64, size: u64, mmap_offset: u64, file_len: u64) -> GuestRegion {
+        GuestRegion {
+            info: RegionInfo {
+                guest_phys_addr: gpa,
+                memory_size: size,
+                user_addr: 0x7f00_0000_0000 + gpa,
+                mmap_offset,
+            },
+            file: memfd(file_len),
+        }
+    }
+
+    /// The primary and the worker refuse the same bad tables, for the same
+    /// reason: both run `qpnet_ipc::memory_table::validate_table`.
+    #[test]
+    fn primary_and_worker_refuse_the_same_tables_alike() {
+        const G: u64 = 0x1_0000_0000;
+        let tables: Vec<(&str, Vec<GuestRegion>)> = vec![
+            ("empty", vec![]),
+            ("size 0", vec![region(G, 0, 0, 0x1000)]),
+            ("wraps", vec![region(u64::MAX - 0xfff, 0x2000, 0, 0x2000)]),
+            ("unaligned offset", vec![region(G, 0x1000, 0x10, 0x2000)]),
+            (
+                "past the end of its file",
+                vec![region(G, 0x2000, 0, 0x1000)],
+            ),
+            (
+                "overlap",
+                vec![
+                    region(G, 0x2000, 0, 0x2000),
+                    region(G + 0x1000, 0x1000, 0, 0x1000),
+                ],
+            ),
+            (
+                "nine regions",
+                (0..9)
+                    .map(|i| region(G + (i << 20), 0x1000, 0, 0x1000))
+                    .collect(),
+            ),
+        ];
+        for (what, regions) in tables {
+            let primary = validate_regions(&regions).expect_err(what).0;
+            let table: Vec<MemoryRegion> = regions.iter().map(GuestRegion::table_entry).collect();
+            let fds: Vec<OwnedFd> = regions.into_iter().map(|r| OwnedFd::from(r.file)).collect();
+            let worker = qpnet_secondary::GuestMemoryMap::map_regions(&table, fds)
+                .expect_err(what)
+                .to_string();
+            assert_eq!(
+                primary,
+                format!("memory table refused: {worker}"),
+                "{what}: the two sides disagree"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_primary_checks_the_vmm_address_space() {
+        let mut a = region(0x1_0000_0000, 0x2000, 0, 0x2000);
+        let mut b = region(0x2_0000_0000, 0x2000, 0, 0x2000);
+        a.info.user_addr = 0x7f00_0000_0000;
+        b.info.user_addr = 0x7f00_0000_1000;
+        let e = validate_regions(&[a, b]).unwrap_err().0;
+        assert!(e.contains("overlap in VMM address space"), "{e}");
+    }
 }

@@ -143,7 +143,7 @@ impl Worker {
                 "worker of queue pair {} (pid {}) did not answer {}",
                 self.queue_pair,
                 self.pid(),
-                request_name(req)
+                req.name()
             ))),
             Err(e) => Err(anyhow!(e)),
         }
@@ -156,12 +156,12 @@ impl Worker {
             Reply::Error { message } => Err(anyhow!(
                 "worker of queue pair {} refused {}: {message}",
                 self.queue_pair,
-                request_name(req)
+                req.name()
             )),
             other => Err(anyhow!(
                 "worker of queue pair {} answered {} with {other:?}",
                 self.queue_pair,
-                request_name(req)
+                req.name()
             )),
         }
     }
@@ -223,19 +223,5 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
         )
     } else {
         format!("exited with status {}", status.code().unwrap_or(-1))
-    }
-}
-
-/// A short name of a request, for logs.
-pub fn request_name(req: &Request) -> &'static str {
-    match req {
-        Request::Hello { .. } => "hello",
-        Request::SetFeatures { .. } => "set-features",
-        Request::SetMemTable { .. } => "set-mem-table",
-        Request::AttachTap => "attach-tap",
-        Request::AttachShared { .. } => "attach-shared",
-        Request::StartRing(_) => "start-ring",
-        Request::StopRing { .. } => "stop-ring",
-        Request::Shutdown => "shutdown",
     }
 }

@@ -12,8 +12,9 @@ use std::ops::Range;
 
 use qpnet_shared::{Direction, FlowCache, FlowTimeouts, FLOW_HEADROOM};
 
-use crate::counters::{monotonic_ns, StatsHome};
+use crate::counters::StatsHome;
 use crate::iovecs::IoVecs;
+use qpnet_shared::monotonic_ns;
 
 const EXPIRY_INTERVAL_NS: u64 = 100_000_000;
 const EXPIRY_STRIPES_PER_PASS: usize = 16;

@@ -1,10 +1,11 @@
 //! The guest's memory as this worker sees it: regions mapped from the fds the
 //! primary sent, and guest-physical to host translation.
 //!
-//! Every region is checked before it is mapped (non-empty, no address
-//! overflow, no overlap with another region, page-aligned file offset, and a
-//! file at least as long as the mapping: touching a page past EOF would kill
-//! the worker with SIGBUS). The regions are mapped with vm-memory
+//! Every region is checked before it is mapped, by the same function the
+//! primary ran on the VMM's table (`qpnet_ipc::memory_table`): non-empty, no
+//! address overflow, no overlap with another region, page-aligned file
+//! offset, and a regular file at least as long as the mapping (touching a
+//! page past EOF would kill the worker with SIGBUS). The regions are mapped with vm-memory
 //! (`GuestMemoryMmap`), which virtio-queue uses to read and write the rings.
 //! For the packet path a sorted table of (guest address, length, host
 //! pointer) turns a descriptor's buffer into host iovecs with one binary
@@ -15,7 +16,8 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 
-use qpnet_ipc::MemoryRegion;
+use qpnet_ipc::memory_table::validate_table;
+use qpnet_ipc::{MemoryRegion, MemoryTableError};
 use vm_memory::mmap::MmapRegionError;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -24,89 +26,12 @@ use vm_memory::{
 
 use crate::iovecs::{IoVecs, TooManySegments};
 
-/// Why a memory table was refused.
+/// Why a memory table could not be mapped.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// The number of fds differs from the number of regions.
-    #[error("{fds} fds sent for {regions} memory regions")]
-    FdCount {
-        /// Regions in the message.
-        regions: usize,
-        /// Fds beside it.
-        fds: usize,
-    },
-    /// The table has no region.
-    #[error("memory table has no region")]
-    NoRegion,
-    /// A region has size 0.
-    #[error("region {index} has size 0")]
-    EmptyRegion {
-        /// Position in the table.
-        index: usize,
-    },
-    /// Guest address plus size does not fit in 64 bits.
-    #[error("region {index}: guest address {gpa:#x} + size {size:#x} overflows")]
-    GuestRangeOverflow {
-        /// Position in the table.
-        index: usize,
-        /// Start address.
-        gpa: u64,
-        /// Size.
-        size: u64,
-    },
-    /// File offset plus size does not fit in 64 bits (or in an `off_t`).
-    #[error("region {index}: mmap offset {offset:#x} + size {size:#x} overflows")]
-    FileRangeOverflow {
-        /// Position in the table.
-        index: usize,
-        /// File offset.
-        offset: u64,
-        /// Size.
-        size: u64,
-    },
-    /// The file offset is not a multiple of the page size (mmap needs it).
-    #[error("region {index}: mmap offset {offset:#x} is not page aligned")]
-    UnalignedOffset {
-        /// Position in the table.
-        index: usize,
-        /// File offset.
-        offset: u64,
-    },
-    /// Two regions share guest-physical addresses.
-    #[error("regions {first} and {second} overlap in guest-physical space")]
-    Overlap {
-        /// Position of one region.
-        first: usize,
-        /// Position of the other.
-        second: usize,
-    },
-    /// `fstat` of a region's fd failed.
-    #[error("region {index}: fstat failed")]
-    Stat {
-        /// Position in the table.
-        index: usize,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The fd is not a regular file (memfd, tmpfs or hugetlbfs file).
-    #[error("region {index}: fd is not a regular file")]
-    NotRegularFile {
-        /// Position in the table.
-        index: usize,
-    },
-    /// The file is shorter than the mapping: access would raise SIGBUS.
-    #[error(
-        "region {index}: file has {file_size} bytes, the region needs {needed} (mapping past EOF)"
-    )]
-    PastEndOfFile {
-        /// Position in the table.
-        index: usize,
-        /// Bytes in the file.
-        file_size: u64,
-        /// mmap_offset + size.
-        needed: u64,
-    },
+    /// The table breaks a rule (the same check the primary ran).
+    #[error(transparent)]
+    Table(#[from] MemoryTableError),
     /// mmap itself failed.
     #[error("region {index}: mmap failed")]
     Map {
@@ -159,25 +84,17 @@ impl GuestMemoryMap {
         regions: &[MemoryRegion],
         fds: Vec<OwnedFd>,
     ) -> Result<GuestMemoryMap, MemoryError> {
-        if fds.len() != regions.len() {
-            return Err(MemoryError::FdCount {
-                regions: regions.len(),
-                fds: fds.len(),
-            });
-        }
-        validate_regions(regions, page_size())?;
+        // The one set of memory-table rules, shared with the primary.
+        validate_table(regions, &fds)?;
         let files: Vec<File> = fds.into_iter().map(File::from).collect();
-        for (index, (region, file)) in regions.iter().zip(&files).enumerate() {
-            check_file_covers(index, region, file)?;
-        }
         let mut mapped = Vec::with_capacity(regions.len());
         for (index, (region, file)) in regions.iter().zip(files).enumerate() {
-            // validate_regions checked that size fits a usize and the ranges.
+            // validate_table checked that size fits a usize and the ranges.
             let size = region.size as usize;
             let mapping = MmapRegion::from_file(FileOffset::new(file, region.mmap_offset), size)
                 .map_err(|source| MemoryError::Map { index, source })?;
             let guest = GuestRegionMmap::new(mapping, GuestAddress(region.guest_phys_addr)).ok_or(
-                MemoryError::GuestRangeOverflow {
+                MemoryTableError::GuestRangeOverflow {
                     index,
                     gpa: region.guest_phys_addr,
                     size: region.size,
@@ -294,79 +211,6 @@ impl GuestMemoryMap {
     }
 }
 
-/// Check a memory table on its own: sizes, overflow, alignment and overlap.
-pub fn validate_regions(regions: &[MemoryRegion], page_size: u64) -> Result<(), MemoryError> {
-    if regions.is_empty() {
-        return Err(MemoryError::NoRegion);
-    }
-    for (index, r) in regions.iter().enumerate() {
-        if r.size == 0 {
-            return Err(MemoryError::EmptyRegion { index });
-        }
-        if r.guest_phys_addr.checked_add(r.size).is_none() || usize::try_from(r.size).is_err() {
-            return Err(MemoryError::GuestRangeOverflow {
-                index,
-                gpa: r.guest_phys_addr,
-                size: r.size,
-            });
-        }
-        let file_end = r.mmap_offset.checked_add(r.size);
-        if !matches!(file_end, Some(end) if end <= i64::MAX as u64) {
-            return Err(MemoryError::FileRangeOverflow {
-                index,
-                offset: r.mmap_offset,
-                size: r.size,
-            });
-        }
-        if r.mmap_offset % page_size != 0 {
-            return Err(MemoryError::UnalignedOffset {
-                index,
-                offset: r.mmap_offset,
-            });
-        }
-    }
-    let mut order: Vec<usize> = (0..regions.len()).collect();
-    order.sort_by_key(|&i| regions[i].guest_phys_addr);
-    for pair in order.windows(2) {
-        let (a, b) = (&regions[pair[0]], &regions[pair[1]]);
-        // No overflow: checked above.
-        if a.guest_phys_addr + a.size > b.guest_phys_addr {
-            return Err(MemoryError::Overlap {
-                first: pair[0].min(pair[1]),
-                second: pair[0].max(pair[1]),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Refuse a region whose fd is not a regular file long enough for it.
-fn check_file_covers(index: usize, region: &MemoryRegion, file: &File) -> Result<(), MemoryError> {
-    let meta = file
-        .metadata()
-        .map_err(|source| MemoryError::Stat { index, source })?;
-    if !meta.file_type().is_file() {
-        return Err(MemoryError::NotRegularFile { index });
-    }
-    // No overflow: validate_regions checked it.
-    let needed = region.mmap_offset + region.size;
-    if meta.len() < needed {
-        return Err(MemoryError::PastEndOfFile {
-            index,
-            file_size: meta.len(),
-            needed,
-        });
-    }
-    Ok(())
-}
-
-fn page_size() -> u64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
-        Ok(Some(n)) if n > 0 => n as u64,
-        _ => 4096,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,72 +233,30 @@ mod tests {
     }
 
     #[test]
-    fn overlapping_regions_refused() {
-        let r = [
-            region(0x1_0000_0000, 0x2000, 0),
-            region(0x1_0000_1000, 0x1000, 0),
-        ];
-        assert!(matches!(
-            validate_regions(&r, 4096),
-            Err(MemoryError::Overlap {
-                first: 0,
-                second: 1
-            })
-        ));
-        // Order in the table does not matter.
-        let r = [region(0x5000, 0x1000, 0), region(0x0, 0x6000, 0)];
-        assert!(matches!(
-            validate_regions(&r, 4096),
-            Err(MemoryError::Overlap { .. })
-        ));
-        // Adjacent is fine.
-        let r = [region(0x5000, 0x1000, 0), region(0x0, 0x5000, 0)];
-        validate_regions(&r, 4096).unwrap();
-    }
-
-    #[test]
-    fn bad_sizes_refused() {
-        assert!(matches!(
-            validate_regions(&[], 4096),
-            Err(MemoryError::NoRegion)
-        ));
-        assert!(matches!(
-            validate_regions(&[region(0, 0, 0)], 4096),
-            Err(MemoryError::EmptyRegion { index: 0 })
-        ));
-        assert!(matches!(
-            validate_regions(&[region(u64::MAX - 10, 0x1000, 0)], 4096),
-            Err(MemoryError::GuestRangeOverflow { .. })
-        ));
-        assert!(matches!(
-            validate_regions(&[region(0, 0x1000, u64::MAX - 0xfff)], 4096),
-            Err(MemoryError::FileRangeOverflow { .. })
-        ));
-        assert!(matches!(
-            validate_regions(&[region(0, 0x1000, 0x10)], 4096),
-            Err(MemoryError::UnalignedOffset { .. })
-        ));
-    }
-
-    #[test]
     fn region_past_eof_refused() {
         let err = GuestMemoryMap::map_regions(&[region(0x1000_0000, 0x2000, 0)], vec![memfd(4096)])
             .unwrap_err();
         assert!(
             matches!(
                 err,
-                MemoryError::PastEndOfFile {
+                MemoryError::Table(MemoryTableError::PastEndOfFile {
                     index: 0,
                     file_size: 4096,
                     needed: 0x2000
-                }
+                })
             ),
             "{err}"
         );
         let err =
             GuestMemoryMap::map_regions(&[region(0x1000_0000, 0x1000, 0x1000)], vec![memfd(4096)])
                 .unwrap_err();
-        assert!(matches!(err, MemoryError::PastEndOfFile { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                MemoryError::Table(MemoryTableError::PastEndOfFile { .. })
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -463,7 +265,10 @@ mod tests {
         let err = GuestMemoryMap::map_regions(&[region(0, 0x1000, 0)], vec![OwnedFd::from(a)])
             .unwrap_err();
         assert!(
-            matches!(err, MemoryError::NotRegularFile { index: 0 }),
+            matches!(
+                err,
+                MemoryError::Table(MemoryTableError::NotRegularFile { index: 0 })
+            ),
             "{err}"
         );
     }
@@ -471,7 +276,10 @@ mod tests {
     #[test]
     fn fd_count_must_match() {
         let err = GuestMemoryMap::map_regions(&[region(0, 0x1000, 0)], vec![]).unwrap_err();
-        assert!(matches!(err, MemoryError::FdCount { .. }));
+        assert!(matches!(
+            err,
+            MemoryError::Table(MemoryTableError::FdCount { .. })
+        ));
     }
 
     #[test]

@@ -31,4 +31,5 @@ mod test_util;
 #[cfg(test)]
 mod worker_tests;
 
+pub use guest_memory::{GuestMemoryMap, MemoryError};
 pub use worker::run_worker;

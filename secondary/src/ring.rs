@@ -43,7 +43,7 @@
 //! written) is a [`RingFault`]: the worker stops that ring.
 
 use std::num::Wrapping;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -59,22 +59,10 @@ use crate::guest_memory::GuestMemoryMap;
 /// Why a ring could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// Wrong number of fds beside StartRing.
-    #[error("StartRing needs {expected} fds (kick{}), got {got}", if *.expected == 2 { ", call" } else { "" })]
-    FdCount {
-        /// Fds expected.
-        expected: usize,
-        /// Fds received.
-        got: usize,
-    },
-    /// The kick or call fd is not an eventfd.
-    #[error("{which} fd is not an eventfd ({target})")]
-    NotEventfd {
-        /// "kick" or "call".
-        which: &'static str,
-        /// What /proc/self/fd says it is.
-        target: String,
-    },
+    /// No kick fd came with StartRing (the control request's fds are
+    /// checked before, so only a caller bug gets here).
+    #[error("StartRing came without its kick fd")]
+    NoKick,
     /// The kick fd could not be made nonblocking.
     #[error("cannot make the kick eventfd nonblocking")]
     Nonblocking(#[source] nix::Error),
@@ -140,28 +128,20 @@ pub const PUBLISH_EVERY: u16 = 64;
 
 impl Ring {
     /// Build a ring from its configuration and fds (kick, then call when
-    /// `cfg.has_call`), checking everything against `mem`.
+    /// `cfg.has_call`; checked with the request), checking the ring against
+    /// `mem`.
     pub fn start(
         cfg: &RingConfig,
         event_idx: bool,
         fds: Vec<OwnedFd>,
         mem: &GuestMemoryMap,
     ) -> Result<Ring, StartError> {
-        let expected = if cfg.has_call { 2 } else { 1 };
-        if fds.len() != expected {
-            return Err(StartError::FdCount {
-                expected,
-                got: fds.len(),
-            });
-        }
+        // Their number and kind were checked with the request
+        // (`Request::check_fds`).
         let mut fds = fds.into_iter();
-        let (Some(kick), call) = (fds.next(), fds.next()) else {
-            return Err(StartError::FdCount { expected, got: 0 });
+        let (Some(kick), call) = (fds.next(), fds.next().filter(|_| cfg.has_call)) else {
+            return Err(StartError::NoKick);
         };
-        check_eventfd("kick", &kick)?;
-        if let Some(call) = &call {
-            check_eventfd("call", call)?;
-        }
         set_nonblocking(&kick).map_err(StartError::Nonblocking)?;
         // A call eventfd the VMM never reads would block a write once its
         // counter is full; nonblocking, that interrupt is dropped instead.
@@ -469,20 +449,6 @@ fn build_queue(cfg: &RingConfig, event_idx: bool) -> Result<Queue, StartError> {
     queue.set_next_used(cfg.next_avail);
     queue.set_ready(true);
     Ok(queue)
-}
-
-/// Refuse an fd that is not an eventfd (by what /proc/self/fd says).
-fn check_eventfd(which: &'static str, fd: &OwnedFd) -> Result<(), StartError> {
-    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let target = match std::fs::read_link(&link) {
-        Ok(t) => t.to_string_lossy().into_owned(),
-        Err(e) => format!("readlink {link}: {e}"),
-    };
-    if target == "anon_inode:[eventfd]" {
-        Ok(())
-    } else {
-        Err(StartError::NotEventfd { which, target })
-    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {

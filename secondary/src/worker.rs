@@ -420,20 +420,10 @@ impl Worker {
     }
 
     fn dispatch(&mut self, request: Request, fds: Vec<OwnedFd>) -> anyhow::Result<(Reply, Flow)> {
-        let fds_expected = match &request {
-            Request::SetMemTable { regions } => regions.len(),
-            Request::AttachTap | Request::AttachShared { .. } => 1,
-            Request::StartRing(cfg) => 1 + usize::from(cfg.has_call),
-            _ => 0,
-        };
-        if fds.len() != fds_expected {
-            return Ok((
-                error_reply(format!(
-                    "{} fds sent, the request needs {fds_expected}",
-                    fds.len()
-                )),
-                Flow::Continue,
-            ));
+        // The fds' number and kind, by the rules the primary follows too;
+        // on a refusal they are closed when `fds` drops, at once.
+        if let Err(e) = request.check_fds(&fds) {
+            return Ok((error_reply(e.to_string()), Flow::Continue));
         }
         if !self.greeted && !matches!(request, Request::Hello { .. }) {
             return Ok((error_reply("Hello must come first".into()), Flow::Continue));

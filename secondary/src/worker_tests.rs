@@ -163,7 +163,7 @@ fn bad_memory_tables_refused() {
     h.refused(
         &Request::SetMemTable { regions: past_eof },
         &[fd.as_fd()],
-        "past EOF",
+        "past the end of its file",
     );
     // Still running, and a good table is taken.
     h.mem_table(&fd, &regions);

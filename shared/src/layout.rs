@@ -12,7 +12,9 @@
 //! The header's magic, layout version and sizes are checked on every attach;
 //! a reader built for another layout refuses to interpret the rest.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+pub use crate::queue_stats::QueueStats;
 
 /// "QPNETSHM" as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"QPNETSHM");
@@ -145,91 +147,8 @@ impl WorkerState {
     }
 }
 
-/// The counters and status of one queue pair. Frame and drop counters are
-/// written only by the queue pair's worker; `state`, `pid` and `restarts`
-/// only by the primary.
-#[repr(C, align(64))]
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    /// Frames taken from the TX ring and written to the TAP.
-    pub tx_frames: AtomicU64,
-    /// Bytes of those frames (without the virtio-net header).
-    pub tx_bytes: AtomicU64,
-    /// Frames read from the TAP and put in the RX ring.
-    pub rx_frames: AtomicU64,
-    /// Bytes of those frames (without the virtio-net header).
-    pub rx_bytes: AtomicU64,
-    /// RX frames cut short because the guest's buffers were too small.
-    pub drop_too_large: AtomicU64,
-    /// Chains refused because a descriptor was invalid (out of guest memory,
-    /// looping, wrong direction, too long).
-    pub drop_bad_descriptor: AtomicU64,
-    /// TX chains shorter than the virtio-net header.
-    pub drop_runt: AtomicU64,
-    /// Frames the TAP refused on write.
-    pub drop_tap_error: AtomicU64,
-    /// Times the TAP had frames while the RX ring had no buffer.
-    pub rx_no_buffer: AtomicU64,
-    /// Kicks received on the TX ring.
-    pub tx_kicks: AtomicU64,
-    /// Kicks received on the RX ring.
-    pub rx_kicks: AtomicU64,
-    /// Interrupts (call eventfd writes) sent to the guest.
-    pub interrupts: AtomicU64,
-    /// Batches processed (wake-ups that moved at least one frame).
-    pub batches: AtomicU64,
-    /// Worker heartbeat: CLOCK_MONOTONIC nanoseconds of its last loop turn.
-    pub heartbeat_ns: AtomicU64,
-    /// Times the worker of this queue pair was (re)started after the first.
-    pub restarts: AtomicU64,
-    /// The worker's process id (0 when none).
-    pub pid: AtomicU32,
-    /// A [`WorkerState`] value.
-    pub state: AtomicU32,
-    /// Flows this queue pair's worker created in the flow table.
-    pub flows_created: AtomicU64,
-    /// Flows this queue pair's worker expired (idle past their timeout).
-    pub flows_expired: AtomicU64,
-    /// Frames forwarded without flow tracking: the table was full (or a
-    /// stripe lock could not be had in time).
-    pub flow_untracked_frames: AtomicU64,
-    /// Frames with no flow key (not IP, truncated or malformed headers).
-    pub flow_unparsed_frames: AtomicU64,
-    /// Frames seen on this queue pair whose flow was owned by another one
-    /// (flow affinity misses; counted per burst, see flow_cache.rs).
-    pub flow_affinity_misses: AtomicU64,
-}
-
-impl QueueStats {
-    /// Add `n` to a counter. Single writer per counter: a relaxed
-    /// load + store would do, but `fetch_add` keeps it obviously right.
-    #[inline]
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Read a counter.
-    #[inline]
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-
-    /// The published worker state.
-    pub fn worker_state(&self) -> Option<WorkerState> {
-        WorkerState::from_u32(self.state.load(Ordering::Acquire))
-    }
-
-    /// Publish a worker state.
-    pub fn set_worker_state(&self, s: WorkerState) {
-        self.state.store(s as u32, Ordering::Release);
-    }
-}
-
 const _: () = assert!(std::mem::size_of::<RegionHeader>() == 192);
 const _: () = assert!(std::mem::offset_of!(RegionHeader, flow) == 64);
 const _: () = assert!(std::mem::offset_of!(RegionHeader, flow_counters) == 128);
 const _: () = assert!(std::mem::size_of::<FlowGeometryHeader>() == 64);
 const _: () = assert!(std::mem::size_of::<FlowCounters>() == 64);
-const _: () = assert!(std::mem::size_of::<QueueStats>() == 192);
-const _: () = assert!(std::mem::size_of::<QueueStats>().is_multiple_of(64));
-const _: () = assert!(std::mem::align_of::<QueueStats>() == 64);

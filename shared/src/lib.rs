@@ -11,11 +11,13 @@
 //! without locks (see flow_table.rs, "Theory of operation").
 #![deny(missing_docs)]
 
+mod clock;
 mod flow_cache;
 mod flow_key;
 mod flow_slot;
 mod flow_table;
 mod layout;
+mod queue_stats;
 mod region;
 mod robust_mutex;
 pub mod test_hooks;
@@ -23,6 +25,7 @@ pub mod test_hooks;
 #[cfg(test)]
 mod multiprocess_tests;
 
+pub use clock::monotonic_ns;
 pub use flow_cache::{FlowCache, FlushReport, MAX_PENDING_FLOWS};
 pub use flow_key::{
     hash_words, protocol, tcp_flags, Direction, Family, FlowKey, ParseError, ParsedFrame,
@@ -30,13 +33,14 @@ pub use flow_key::{
 };
 pub use flow_slot::{FlowSnapshot, FlowState, FlowTimeouts, FlowUpdate, SlotBusy, SlotRef};
 pub use flow_table::{
-    monotonic_ns, AuditReport, FlowError, FlowIter, FlowReader, FlowTable, FlowTableCounters,
-    Recorded, SweepReport, DEFAULT_FLOW_CAPACITY, DEFAULT_LOCK_WAIT, MAX_FLOW_CAPACITY,
-    MIN_FLOW_CAPACITY, SLOTS_PER_STRIPE,
+    AuditReport, FlowError, FlowIter, FlowReader, FlowTable, FlowTableCounters, Recorded,
+    SweepReport, DEFAULT_FLOW_CAPACITY, DEFAULT_LOCK_WAIT, MAX_FLOW_CAPACITY, MIN_FLOW_CAPACITY,
+    SLOTS_PER_STRIPE,
 };
 pub use layout::{
     FlowCounters, FlowGeometryHeader, QueueStats, RegionHeader, WorkerState, LAYOUT_VERSION, MAGIC,
     MAX_QUEUE_PAIRS, TRACKING_OFF, TRACKING_ON,
 };
+pub use queue_stats::{CounterId, CounterInfo, LocalCounters, QUEUE_COUNTERS};
 pub use region::{RegionError, SharedRegion};
 pub use robust_mutex::{LockError, LockWait};

@@ -89,7 +89,7 @@ fn random_seed() -> [u64; 2] {
     if got != bytes.len() as isize {
         // No entropy source: fall back to something per-instance. The seed
         // only spreads flows; it guards no secret.
-        let t = crate::flow_table::monotonic_ns() ^ u64::from(std::process::id()) << 32;
+        let t = crate::monotonic_ns() ^ u64::from(std::process::id()) << 32;
         bytes[..8].copy_from_slice(&t.to_le_bytes());
         bytes[8..].copy_from_slice(&t.rotate_left(29).to_le_bytes());
     }

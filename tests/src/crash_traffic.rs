@@ -84,11 +84,7 @@ pub fn realtime_ns() -> u64 {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of qpnet's heartbeats).
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
+pub use qpnet_shared::monotonic_ns;
 
 /// Nanoseconds `pid` has spent runnable but waiting for a CPU
 /// (/proc/PID/schedstat, second field; the main thread of a

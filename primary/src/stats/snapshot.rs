@@ -8,10 +8,11 @@
 //! the renderers decide how an out-of-range one is shown.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use qpnet_shared::{
-    monotonic_ns, FlowKey, FlowSnapshot, FlowTableCounters, QueueStats, SharedRegion, WorkerState,
+    monotonic_ns, CounterId, FlowKey, FlowSnapshot, FlowTableCounters, QueueStats, SharedRegion,
+    WorkerState,
 };
 
 /// Flows remembered between `--watch` frames for per-flow rates.
@@ -20,57 +21,21 @@ const RATE_BASIS_MAX: usize = 1 << 17;
 /// Largest pid Linux hands out (PID_MAX_LIMIT); a bigger one is garbage.
 pub(super) const PID_MAX: u32 = 4 << 20;
 
-/// One per-queue counter: its name (JSON key, Prometheus metric stem), its
-/// help text and where it lives.
-pub(super) struct Counter {
-    pub(super) name: &'static str,
-    pub(super) help: &'static str,
-    field: fn(&QueueStats) -> &AtomicU64,
-}
-
-macro_rules! counters {
-    ($($field:ident: $help:literal,)*) => {
-        pub(super) const COUNTERS: [Counter; [$(stringify!($field)),*].len()] = [$(Counter {
-            name: stringify!($field),
-            help: $help,
-            field: |q: &QueueStats| &q.$field,
-        }),*];
-    };
-}
-
-counters! {
-    tx_frames: "Frames taken from the TX ring and written to the TAP.",
-    tx_bytes: "Bytes of TX frames (without the virtio-net header).",
-    rx_frames: "Frames read from the TAP and put in the RX ring.",
-    rx_bytes: "Bytes of RX frames (without the virtio-net header).",
-    drop_too_large: "RX frames cut short: the guest's buffers were too small.",
-    drop_bad_descriptor: "Chains refused because a descriptor was invalid.",
-    drop_runt: "TX chains shorter than the virtio-net header.",
-    drop_tap_error: "Frames the TAP refused on write.",
-    rx_no_buffer: "Times the TAP had frames while the RX ring had no buffer.",
-    tx_kicks: "Kicks received on the TX ring.",
-    rx_kicks: "Kicks received on the RX ring.",
-    interrupts: "Interrupts sent to the guest.",
-    batches: "Wake-ups that moved at least one frame.",
-    flows_created: "Flows this queue pair's worker created in the flow table.",
-    flows_expired: "Flows this queue pair's worker expired.",
-    flow_untracked_frames: "Frames forwarded without flow tracking (table full or busy).",
-    flow_unparsed_frames: "Frames with no flow key (not IP, or malformed headers).",
-    flow_affinity_misses: "Frames seen on this queue pair whose flow another queue pair owns.",
-}
+/// The per-queue counters, declared once in `qpnet_shared` (names, help
+/// texts, fields), in layout order.
+pub(super) use qpnet_shared::QUEUE_COUNTERS as COUNTERS;
 
 pub(super) const N_COUNTERS: usize = COUNTERS.len();
-pub(super) const TX_FRAMES: usize = 0;
-pub(super) const TX_BYTES: usize = 1;
-pub(super) const RX_FRAMES: usize = 2;
-pub(super) const RX_BYTES: usize = 3;
-const DROPS: [usize; 4] = [4, 5, 6, 7];
-pub(super) const RX_NO_BUFFER: usize = 8;
-pub(super) const FLOWS_CREATED: usize = 13;
-pub(super) const FLOWS_EXPIRED: usize = 14;
-pub(super) const FLOW_UNTRACKED: usize = 15;
-pub(super) const FLOW_UNPARSED: usize = 16;
-pub(super) const FLOW_AFFINITY_MISSES: usize = 17;
+pub(super) const TX_FRAMES: usize = CounterId::tx_frames as usize;
+pub(super) const TX_BYTES: usize = CounterId::tx_bytes as usize;
+pub(super) const RX_FRAMES: usize = CounterId::rx_frames as usize;
+pub(super) const RX_BYTES: usize = CounterId::rx_bytes as usize;
+pub(super) const RX_NO_BUFFER: usize = CounterId::rx_no_buffer as usize;
+pub(super) const FLOWS_CREATED: usize = CounterId::flows_created as usize;
+pub(super) const FLOWS_EXPIRED: usize = CounterId::flows_expired as usize;
+pub(super) const FLOW_UNTRACKED: usize = CounterId::flow_untracked_frames as usize;
+pub(super) const FLOW_UNPARSED: usize = CounterId::flow_unparsed_frames as usize;
+pub(super) const FLOW_AFFINITY_MISSES: usize = CounterId::flow_affinity_misses as usize;
 
 /// Counter values of one queue pair, or their totals.
 pub(super) type Values = [u64; N_COUNTERS];
@@ -117,7 +82,11 @@ fn sum(values: impl Iterator<Item = u64>) -> u64 {
 
 /// All drop counters of `v` together.
 pub(super) fn drops(v: &Values) -> u64 {
-    sum(DROPS.iter().map(|&i| v[i]))
+    sum(COUNTERS
+        .iter()
+        .zip(v)
+        .filter(|(c, _)| c.is_drop())
+        .map(|(_, &n)| n))
 }
 
 /// Frames the flow table counted in a flow: every frame a worker moves is
@@ -296,15 +265,11 @@ mod tests {
         assert_eq!(at(TX_BYTES), "tx_bytes");
         assert_eq!(at(RX_FRAMES), "rx_frames");
         assert_eq!(at(RX_BYTES), "rx_bytes");
-        assert_eq!(
-            DROPS.map(at),
-            [
-                "drop_too_large",
-                "drop_bad_descriptor",
-                "drop_runt",
-                "drop_tap_error"
-            ]
-        );
+        let mut v = [0u64; N_COUNTERS];
+        for (i, c) in COUNTERS.iter().enumerate() {
+            v[i] = if c.name.starts_with("drop_") { 1 } else { 100 };
+        }
+        assert_eq!(drops(&v), 4, "the four drop_* counters");
         assert_eq!(at(RX_NO_BUFFER), "rx_no_buffer");
         assert_eq!(at(FLOWS_CREATED), "flows_created");
         assert_eq!(at(FLOWS_EXPIRED), "flows_expired");

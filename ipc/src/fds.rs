@@ -1,0 +1,155 @@
+//! The fds that travel beside control messages: how many each request
+//! carries, and what kind they must be, checked in one place.
+//!
+//! A vhost-user VMM hands the primary eventfds (kick, call, error) and memory
+//! fds; the primary passes them on to workers. Both sides check them with the
+//! functions here: the primary when the VMM sends them (so a bad fd is refused
+//! before any state changes), the worker when it receives them (so a worker
+//! never trusts its peer to have done it). A count that differs from
+//! [`Request::fds_expected`] refuses the whole message; its fds are closed
+//! when the caller drops them, at once.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use crate::Request;
+
+/// Why the fds beside a message were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FdError {
+    /// The request carries another number of fds than it needs.
+    #[error("{request} carries {got} fds, it needs {expected}")]
+    Count {
+        /// The request's name.
+        request: &'static str,
+        /// Fds the request needs.
+        expected: usize,
+        /// Fds that came with it.
+        got: usize,
+    },
+    /// An fd that must be an eventfd is something else.
+    #[error("the {which} fd is not an eventfd ({target})")]
+    NotEventfd {
+        /// Which fd ("kick", "call", "error").
+        which: &'static str,
+        /// What `/proc/self/fd` says it is.
+        target: String,
+    },
+}
+
+impl Request {
+    /// A short name, for logs and error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::SetFeatures { .. } => "set-features",
+            Request::SetMemTable { .. } => "set-mem-table",
+            Request::AttachTap => "attach-tap",
+            Request::AttachShared { .. } => "attach-shared",
+            Request::StartRing(_) => "start-ring",
+            Request::StopRing { .. } => "stop-ring",
+            Request::Shutdown => "shutdown",
+        }
+    }
+
+    /// How many fds travel beside this request: one per memory region for
+    /// SetMemTable, the TAP queue or the shared region for AttachTap /
+    /// AttachShared, kick (and call) for StartRing, none otherwise.
+    pub fn fds_expected(&self) -> usize {
+        match self {
+            Request::SetMemTable { regions } => regions.len(),
+            Request::AttachTap | Request::AttachShared { .. } => 1,
+            Request::StartRing(cfg) => 1 + usize::from(cfg.has_call),
+            Request::Hello { .. }
+            | Request::SetFeatures { .. }
+            | Request::StopRing { .. }
+            | Request::Shutdown => 0,
+        }
+    }
+
+    /// Check the fds that came with this request: their number, and for
+    /// StartRing that kick and call are eventfds.
+    pub fn check_fds<F: AsFd>(&self, fds: &[F]) -> Result<(), FdError> {
+        let expected = self.fds_expected();
+        if fds.len() != expected {
+            return Err(FdError::Count {
+                request: self.name(),
+                expected,
+                got: fds.len(),
+            });
+        }
+        if let Request::StartRing(_) = self {
+            for (fd, which) in fds.iter().zip(["kick", "call"]) {
+                check_eventfd(which, fd.as_fd())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuse an fd that is not an eventfd (by what `/proc/self/fd` says of it).
+pub fn check_eventfd(which: &'static str, fd: BorrowedFd<'_>) -> Result<(), FdError> {
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let target = match std::fs::read_link(&link) {
+        Ok(t) => t.to_string_lossy().into_owned(),
+        Err(e) => format!("readlink {link}: {e}"),
+    };
+    if target == "anon_inode:[eventfd]" {
+        Ok(())
+    } else {
+        Err(FdError::NotEventfd { which, target })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RingConfig, RingKind};
+    use std::os::fd::OwnedFd;
+
+    fn eventfd() -> OwnedFd {
+        nix::sys::eventfd::EventFd::new().unwrap().into()
+    }
+
+    fn start(has_call: bool) -> Request {
+        Request::StartRing(RingConfig {
+            kind: RingKind::Rx,
+            size: 256,
+            desc_table: 0,
+            avail_ring: 0x1000,
+            used_ring: 0x2000,
+            next_avail: 0,
+            has_call,
+            signal_on_start: false,
+        })
+    }
+
+    #[test]
+    fn counts_are_checked_per_request() {
+        assert!(start(true).check_fds(&[eventfd(), eventfd()]).is_ok());
+        assert_eq!(
+            start(true).check_fds(&[eventfd()]),
+            Err(FdError::Count {
+                request: "start-ring",
+                expected: 2,
+                got: 1
+            })
+        );
+        assert!(Request::Shutdown.check_fds(&[eventfd()]).is_err());
+        assert!(Request::Shutdown.check_fds::<OwnedFd>(&[]).is_ok());
+        assert_eq!(Request::AttachTap.fds_expected(), 1);
+    }
+
+    #[test]
+    fn ring_fds_must_be_eventfds() {
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        match start(true).check_fds(&[eventfd(), pipe]) {
+            Err(FdError::NotEventfd {
+                which: "call",
+                target,
+            }) => {
+                assert!(target.starts_with("pipe:"), "{target}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
