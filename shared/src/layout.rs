@@ -5,7 +5,7 @@
 //!                                     geometry, flow table counters)
 //! offset 192          QueueStats[0]  (QUEUE_STATS_SIZE bytes, cache-line aligned)
 //! ...                 QueueStats[queue_pairs - 1]
-//! flow.offset         Stripe[flow.stripes]     (page aligned; see flow_table.rs)
+//! flow.offset         Stripe[flow.stripes]     (page aligned; see flow/stripe.rs)
 //!                     FlowSlot[flow.capacity]
 //! ```
 //!

@@ -8,34 +8,24 @@
 //! pair's worker, or the primary for supervision fields), so no lock is ever
 //! taken to update or to read it. The flow table is changed under striped
 //! robust mutexes that survive a holder killed at any instant, and read
-//! without locks (see flow_table.rs, "Theory of operation").
+//! without locks (see flow/mod.rs, "Theory of operation").
 #![deny(missing_docs)]
 
 mod clock;
-mod flow_cache;
-mod flow_key;
-mod flow_slot;
-mod flow_table;
+mod flow;
 mod layout;
 mod queue_stats;
 mod region;
 mod robust_mutex;
 pub mod test_hooks;
 
-#[cfg(test)]
-mod multiprocess_tests;
-
 pub use clock::monotonic_ns;
-pub use flow_cache::{FlowCache, FlushReport, MAX_PENDING_FLOWS};
-pub use flow_key::{
-    hash_words, protocol, tcp_flags, Direction, Family, FlowKey, ParseError, ParsedFrame,
-    FLOW_HEADROOM, KEY_WORDS,
-};
-pub use flow_slot::{FlowSnapshot, FlowState, FlowTimeouts, FlowUpdate, SlotBusy, SlotRef};
-pub use flow_table::{
-    AuditReport, FlowError, FlowIter, FlowReader, FlowTable, FlowTableCounters, Recorded,
-    SweepReport, DEFAULT_FLOW_CAPACITY, DEFAULT_LOCK_WAIT, MAX_FLOW_CAPACITY, MIN_FLOW_CAPACITY,
-    SLOTS_PER_STRIPE,
+pub use flow::{
+    hash_words, protocol, tcp_flags, AuditReport, Direction, Family, FlowCache, FlowError,
+    FlowIter, FlowKey, FlowReader, FlowSnapshot, FlowState, FlowTable, FlowTableCounters,
+    FlowTimeouts, FlowUpdate, FlushReport, ParseError, ParsedFrame, Recorded, SlotBusy, SlotRef,
+    SweepReport, DEFAULT_FLOW_CAPACITY, DEFAULT_LOCK_WAIT, FLOW_HEADROOM, KEY_WORDS,
+    MAX_FLOW_CAPACITY, MAX_PENDING_FLOWS, MIN_FLOW_CAPACITY, SLOTS_PER_STRIPE,
 };
 pub use layout::{
     FlowCounters, FlowGeometryHeader, QueueStats, RegionHeader, WorkerState, LAYOUT_VERSION, MAGIC,

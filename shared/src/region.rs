@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
-use crate::flow_table::{
+use crate::flow::{
     FlowGeometry, FlowReader, FlowTable, DEFAULT_FLOW_CAPACITY, MAX_FLOW_CAPACITY,
     MIN_FLOW_CAPACITY, SLOTS_PER_STRIPE, SLOT_SIZE, STRIPE_SIZE,
 };

@@ -19,8 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::flow_key::tests::Rng;
-use crate::flow_table::tests::key;
+use crate::flow::testing::{key, Rng};
 use crate::test_hooks::{arm, CrashAction, CrashPoint};
 use crate::{
     Direction, FlowCache, FlowKey, FlowSnapshot, FlowTable, FlowUpdate, LockWait, Recorded,
@@ -28,7 +27,7 @@ use crate::{
 };
 
 const ROLE_ENV: &str = "QPNET_FLOW_TEST_ROLE";
-const CHILD_TEST: &str = "multiprocess_tests::child_process_entry";
+const CHILD_TEST: &str = "flow::multiprocess_tests::child_process_entry";
 
 /// Key spaces: shared keys (updated by everyone, never deleted), contested
 /// keys (inserted and deleted by everyone), and one private space per child.

@@ -20,9 +20,9 @@
 //! ```
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
-use std::time::Duration;
 
-use crate::flow_key::{protocol, tcp_flags, FlowKey, KEY_WORDS};
+use super::key::{FlowKey, KEY_WORDS};
+use super::state::FlowState;
 use crate::layout::MAX_QUEUE_PAIRS;
 
 /// Words in an entry.
@@ -56,179 +56,10 @@ const _: () = assert!(std::mem::size_of::<FlowSlot>() == 128);
 const _: () = assert!(W_KEY + KEY_WORDS == W_TX_FRAMES);
 const _: () = assert!(W_CHECK < SLOT_WORDS);
 
-/// Where a flow's TCP connection (or a connectionless flow) stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum FlowState {
-    /// Seen one way only (TCP: no handshake completed yet).
-    New = 1,
-    /// Seen both ways (TCP: SYN both ways, or ACKs both ways mid-stream).
-    Established = 2,
-    /// TCP: a FIN was seen one way.
-    Closing = 3,
-    /// TCP: FIN both ways, or a RST.
-    Closed = 4,
-}
+/// Bytes of one entry.
+pub(crate) const SLOT_SIZE: usize = std::mem::size_of::<FlowSlot>();
 
-impl FlowState {
-    /// Decode a stored state byte.
-    pub fn from_u8(v: u8) -> Option<FlowState> {
-        Some(match v {
-            1 => FlowState::New,
-            2 => FlowState::Established,
-            3 => FlowState::Closing,
-            4 => FlowState::Closed,
-            _ => return None,
-        })
-    }
-
-    /// A short lower-case name.
-    pub fn name(self) -> &'static str {
-        match self {
-            FlowState::New => "new",
-            FlowState::Established => "established",
-            FlowState::Closing => "closing",
-            FlowState::Closed => "closed",
-        }
-    }
-
-    /// The state implied by what has been seen of a flow.
-    pub fn derive(protocol: u8, flags_tx: u8, flags_rx: u8, both_ways: bool) -> FlowState {
-        use tcp_flags::{ACK, FIN, RST, SYN};
-        if protocol != protocol::TCP {
-            return if both_ways {
-                FlowState::Established
-            } else {
-                FlowState::New
-            };
-        }
-        let any = flags_tx | flags_rx;
-        if any & RST != 0 || (flags_tx & FIN != 0 && flags_rx & FIN != 0) {
-            FlowState::Closed
-        } else if any & FIN != 0 {
-            FlowState::Closing
-        } else if (flags_tx & SYN != 0 && flags_rx & SYN != 0)
-            || (both_ways && flags_tx & ACK != 0 && flags_rx & ACK != 0)
-        {
-            FlowState::Established
-        } else {
-            FlowState::New
-        }
-    }
-}
-
-/// Idle time after which a flow expires, per protocol and state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlowTimeouts {
-    /// TCP before the handshake completed.
-    pub tcp_new: Duration,
-    /// TCP established (RFC 5382 asks NATs for at least 2 h 4 min).
-    pub tcp_established: Duration,
-    /// TCP after a FIN one way.
-    pub tcp_closing: Duration,
-    /// TCP after FIN both ways or a RST.
-    pub tcp_closed: Duration,
-    /// UDP seen one way.
-    pub udp_new: Duration,
-    /// UDP seen both ways.
-    pub udp_established: Duration,
-    /// ICMP and ICMPv6.
-    pub icmp: Duration,
-    /// Every other protocol.
-    pub other: Duration,
-}
-
-impl Default for FlowTimeouts {
-    fn default() -> Self {
-        FlowTimeouts {
-            tcp_new: Duration::from_secs(60),
-            tcp_established: Duration::from_secs(7440),
-            tcp_closing: Duration::from_secs(240),
-            tcp_closed: Duration::from_secs(10),
-            udp_new: Duration::from_secs(30),
-            udp_established: Duration::from_secs(180),
-            icmp: Duration::from_secs(30),
-            other: Duration::from_secs(60),
-        }
-    }
-}
-
-impl FlowTimeouts {
-    /// Every timeout set to `d` (tests, forced expiry).
-    pub fn all(d: Duration) -> FlowTimeouts {
-        FlowTimeouts {
-            tcp_new: d,
-            tcp_established: d,
-            tcp_closing: d,
-            tcp_closed: d,
-            udp_new: d,
-            udp_established: d,
-            icmp: d,
-            other: d,
-        }
-    }
-
-    /// The idle timeout of a flow of `protocol` in `state`.
-    pub fn for_flow(&self, protocol: u8, state: FlowState) -> Duration {
-        match (protocol, state) {
-            (protocol::TCP, FlowState::New) => self.tcp_new,
-            (protocol::TCP, FlowState::Established) => self.tcp_established,
-            (protocol::TCP, FlowState::Closing) => self.tcp_closing,
-            (protocol::TCP, FlowState::Closed) => self.tcp_closed,
-            (protocol::UDP, FlowState::New) => self.udp_new,
-            (protocol::UDP, _) => self.udp_established,
-            (protocol::ICMP | protocol::ICMPV6, _) => self.icmp,
-            _ => self.other,
-        }
-    }
-}
-
-/// What a batch of frames adds to one flow.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FlowUpdate {
-    /// Frames from the guest.
-    pub tx_frames: u64,
-    /// Their bytes.
-    pub tx_bytes: u64,
-    /// Frames to the guest.
-    pub rx_frames: u64,
-    /// Their bytes.
-    pub rx_bytes: u64,
-    /// TCP flags seen on frames from the guest.
-    pub tcp_flags_tx: u8,
-    /// TCP flags seen on frames to the guest.
-    pub tcp_flags_rx: u8,
-}
-
-impl FlowUpdate {
-    /// One frame of `bytes` bytes going `direction` with `flags`.
-    pub fn frame(direction: crate::Direction, bytes: u64, flags: u8) -> FlowUpdate {
-        let mut u = FlowUpdate::default();
-        u.add_frame(direction, bytes, flags);
-        u
-    }
-
-    /// Add one frame.
-    pub fn add_frame(&mut self, direction: crate::Direction, bytes: u64, flags: u8) {
-        match direction {
-            crate::Direction::Tx => {
-                self.tx_frames += 1;
-                self.tx_bytes = self.tx_bytes.saturating_add(bytes);
-                self.tcp_flags_tx |= flags;
-            }
-            crate::Direction::Rx => {
-                self.rx_frames += 1;
-                self.rx_bytes = self.rx_bytes.saturating_add(bytes);
-                self.tcp_flags_rx |= flags;
-            }
-        }
-    }
-
-    /// Frames in both directions.
-    pub fn frames(&self) -> u64 {
-        self.tx_frames.saturating_add(self.rx_frames)
-    }
-}
+const _: () = assert!(SLOT_SIZE == 128);
 
 /// Where an entry is: stripe and slot within it. A hint, valid only while
 /// the entry holds the same key; the table re-checks it under the lock.
@@ -370,7 +201,7 @@ pub(crate) fn decode(
     }
     let key_words: [u64; KEY_WORDS] = std::array::from_fn(|i| words[W_KEY + i]);
     let key = FlowKey::from_words(&key_words)?;
-    if crate::flow_key::hash_words(&key_words, seed) != words[W_CHECK] {
+    if super::key::hash_words(&key_words, seed) != words[W_CHECK] {
         return None;
     }
     Some(FlowSnapshot {
@@ -389,35 +220,16 @@ pub(crate) fn decode(
     })
 }
 
+pub(super) fn slot_ref(s: usize, i: usize) -> SlotRef {
+    SlotRef {
+        stripe: s as u32,
+        slot: i as u32,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tcp_flags::{ACK, FIN, RST, SYN};
-
-    #[test]
-    fn tcp_states_follow_flags() {
-        let t = protocol::TCP;
-        assert_eq!(FlowState::derive(t, SYN, 0, false), FlowState::New);
-        assert_eq!(
-            FlowState::derive(t, SYN, SYN | ACK, true),
-            FlowState::Established
-        );
-        assert_eq!(FlowState::derive(t, ACK, ACK, true), FlowState::Established);
-        assert_eq!(
-            FlowState::derive(t, SYN | FIN, SYN, true),
-            FlowState::Closing
-        );
-        assert_eq!(FlowState::derive(t, FIN, FIN, true), FlowState::Closed);
-        assert_eq!(FlowState::derive(t, 0, RST, true), FlowState::Closed);
-        assert_eq!(
-            FlowState::derive(protocol::UDP, 0, 0, true),
-            FlowState::Established
-        );
-        assert_eq!(
-            FlowState::derive(protocol::UDP, 0, 0, false),
-            FlowState::New
-        );
-    }
 
     #[test]
     fn meta_round_trips() {

@@ -17,9 +17,12 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::time::Duration;
 
-use crate::flow_key::{hash_words, Direction, FlowKey, ParseError, FLOW_HEADROOM};
-use crate::flow_slot::{FlowTimeouts, FlowUpdate, SlotRef};
-use crate::flow_table::{FlowError, FlowTable, Recorded, SweepReport};
+use super::key::{hash_words, Direction, FlowKey};
+use super::parse::{ParseError, FLOW_HEADROOM};
+use super::slot::SlotRef;
+use super::state::FlowTimeouts;
+use super::sweep::SweepReport;
+use super::table::{FlowError, FlowTable, FlowUpdate, Recorded};
 use crate::layout::QueueStats;
 use crate::robust_mutex::LockWait;
 
@@ -264,9 +267,9 @@ impl FlowCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow_key::tcp_flags::{ACK, SYN};
-    use crate::flow_key::tests::tcp4_frame;
-    use crate::flow_table::tests::{key, tmp_region};
+    use crate::flow::parse::tests::tcp4_frame;
+    use crate::flow::tcp_flags::{ACK, SYN};
+    use crate::flow::testing::{key, tmp_region};
     use crate::Recorded;
 
     #[test]
