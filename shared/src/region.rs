@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use crate::flow::{
-    FlowGeometry, FlowReader, FlowTable, DEFAULT_FLOW_CAPACITY, MAX_FLOW_CAPACITY,
+    random_seed, FlowGeometry, FlowReader, FlowTable, DEFAULT_FLOW_CAPACITY, MAX_FLOW_CAPACITY,
     MIN_FLOW_CAPACITY, SLOTS_PER_STRIPE, SLOT_SIZE, STRIPE_SIZE,
 };
 use crate::layout::{QueueStats, RegionHeader, LAYOUT_VERSION, MAGIC, MAX_QUEUE_PAIRS};
@@ -79,25 +79,6 @@ fn stats_size(queue_pairs: usize) -> usize {
 /// Where the flow table starts: the first page after the queue blocks.
 fn flow_offset(queue_pairs: usize) -> usize {
     stats_size(queue_pairs).next_multiple_of(4096)
-}
-
-/// Random hash seed for a new region's flow table.
-fn random_seed() -> [u64; 2] {
-    let mut bytes = [0u8; 16];
-    // SAFETY: `bytes` is a valid buffer of the given length.
-    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if got != bytes.len() as isize {
-        // No entropy source: fall back to something per-instance. The seed
-        // only spreads flows; it guards no secret.
-        let t = crate::monotonic_ns() ^ u64::from(std::process::id()) << 32;
-        bytes[..8].copy_from_slice(&t.to_le_bytes());
-        bytes[8..].copy_from_slice(&t.rotate_left(29).to_le_bytes());
-    }
-    let (a, b) = bytes.split_at(8);
-    [
-        u64::from_le_bytes(a.try_into().unwrap_or_default()),
-        u64::from_le_bytes(b.try_into().unwrap_or_default()),
-    ]
 }
 
 impl SharedRegion {

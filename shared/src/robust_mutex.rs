@@ -17,6 +17,8 @@ use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use nix::time::{clock_gettime, ClockId};
+
 /// How long a locker may wait for a stripe held by someone else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockWait {
@@ -184,12 +186,14 @@ impl RobustMutex {
 /// CLOCK_REALTIME now + `d` (pthread_mutex_timedlock measures against the
 /// realtime clock).
 fn realtime_after(d: Duration) -> libc::timespec {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid out-pointer; CLOCK_REALTIME always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+    // CLOCK_REALTIME always exists; were it unreadable, the deadline would
+    // lie in the past and the wait end at once (a timeout, never a hang).
+    let now = clock_gettime(ClockId::CLOCK_REALTIME)
+        .map(|t| *t.as_ref())
+        .unwrap_or(libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        });
     let nanos = now.tv_nsec as u64 + u64::from(d.subsec_nanos());
     libc::timespec {
         tv_sec: now
@@ -208,9 +212,11 @@ mod tests {
 
     /// A mutex in private memory is fine for single-process tests.
     fn boxed_mutex() -> Box<RobustMutex> {
-        // SAFETY: an all-zero pthread_mutex_t is valid storage to initialise.
-        let m: Box<RobustMutex> = Box::new(unsafe { std::mem::zeroed() });
-        // SAFETY: freshly allocated, nobody else can reach it.
+        let m = Box::new(RobustMutex {
+            raw: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+        });
+        // SAFETY: freshly allocated, nobody else can reach it; the threads
+        // of one process share it without a MAP_SHARED mapping.
         unsafe { m.init() }.unwrap();
         m
     }

@@ -13,11 +13,9 @@
 //! Flow affinity is counted per burst: the frames of a flow count as misses
 //! when, at flush time, the flow was owned by another queue pair.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::time::Duration;
 
-use super::key::{hash_words, Direction, FlowKey};
+use super::key::{hash_words, random_seed, Direction, FlowKey};
 use super::parse::{ParseError, FLOW_HEADROOM};
 use super::slot::SlotRef;
 use super::state::FlowTimeouts;
@@ -100,10 +98,7 @@ impl FlowCache {
     pub fn new(queue_pair: usize) -> FlowCache {
         FlowCache {
             queue_pair,
-            seed: {
-                let r = RandomState::new();
-                [r.hash_one(1u64), r.hash_one(2u64)]
-            },
+            seed: random_seed(),
             pending: Vec::with_capacity(MAX_PENDING_FLOWS),
             index: Box::new([0; INDEX_SIZE]),
             hints: Box::new([Hint { hash: 0, at: None }; HINTS]),

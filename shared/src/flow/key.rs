@@ -13,6 +13,7 @@
 //! Reading a key out of a frame is parse.rs.
 
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Which way a frame travelled.
@@ -224,6 +225,15 @@ pub fn hash_words(w: &[u64; KEY_WORDS], seed: [u64; 2]) -> u64 {
     fold_mul(h ^ C[0], C[1] ^ seed[0])
 }
 
+/// A fresh secret seed for [`hash_words`] (a region's flow table, a
+/// worker's flow cache). std's `RandomState` is made for exactly this job,
+/// keeping an adversary from choosing keys that collide: its keys come
+/// from the kernel's random source (getrandom), without an `unsafe` here.
+pub(crate) fn random_seed() -> [u64; 2] {
+    let r = RandomState::new();
+    [r.hash_one(1u64), r.hash_one(2u64)]
+}
+
 impl fmt::Display for FlowKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ep = |ip: IpAddr, port: u16| match ip {
@@ -249,6 +259,19 @@ mod tests {
     use super::*;
     use crate::flow::parse::tests::udp6_frame_with_extensions;
     use crate::flow::testing::Rng;
+
+    #[test]
+    fn seeds_are_fresh_and_spread_keys() {
+        let (a, b) = (random_seed(), random_seed());
+        assert_ne!(a, b);
+        assert_ne!(a[0], a[1]);
+        let k = FlowKey::v4(
+            6,
+            (Ipv4Addr::new(10, 0, 0, 1), 1),
+            (Ipv4Addr::new(10, 0, 0, 2), 2),
+        );
+        assert_ne!(k.hash_with(a), k.hash_with(b));
+    }
 
     #[test]
     fn words_round_trip_and_garbage_refused() {

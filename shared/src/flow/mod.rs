@@ -116,5 +116,6 @@ pub use sweep::SweepReport;
 pub use table::{FlowError, FlowTable, FlowUpdate, Recorded, DEFAULT_LOCK_WAIT};
 
 pub(crate) use geometry::FlowGeometry;
+pub(crate) use key::random_seed;
 pub(crate) use slot::SLOT_SIZE;
 pub(crate) use stripe::STRIPE_SIZE;
