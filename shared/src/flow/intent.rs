@@ -37,9 +37,9 @@ pub(super) struct Intent {
 
 const _: () = assert!(std::mem::size_of::<Intent>() == 192);
 
+/// Changes to one slot, each inside an intent; the caller holds the
+/// stripe's lock.
 impl FlowTable<'_> {
-    // ---- changes to one slot, each inside an intent; caller holds the lock.
-
     fn intent_begin(&self, s: usize, i: usize) {
         let stripe = self.reader.stripe(s);
         let slot = self.reader.slot(s, i);

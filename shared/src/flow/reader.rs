@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::geometry::FlowGeometry;
 use super::key::{FlowKey, KEY_WORDS};
-use super::slot::{decode, FlowSlot, FlowSnapshot, SlotBusy, SlotRef, SLOT_SIZE};
+use super::slot::{decode, slot_ref, FlowSlot, FlowSnapshot, SlotBusy, SLOT_SIZE};
 use super::stripe::{mask_slots, tag_matches, Stripe, SLOTS_PER_STRIPE, STRIPE_SIZE, TAG_WORDS};
 use crate::layout::FlowCounters;
 use crate::robust_mutex::LockError;
@@ -150,11 +150,7 @@ impl<'a> FlowReader<'a> {
     /// A consistent copy of slot `i` of stripe `s`, if it holds a valid flow.
     pub(super) fn snapshot(&self, s: usize, i: usize) -> Result<Option<FlowSnapshot>, SlotBusy> {
         let words = self.slot(s, i).read_consistent()?;
-        let at = SlotRef {
-            stripe: s as u32,
-            slot: i as u32,
-        };
-        Ok(decode(&words, self.geo.seed, at))
+        Ok(decode(&words, self.geo.seed, slot_ref(s, i)))
     }
 
     /// Every flow, each copied consistently, without taking any lock.

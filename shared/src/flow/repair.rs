@@ -48,8 +48,9 @@ impl AuditReport {
 }
 
 impl FlowTable<'_> {
-    // ---- repair (runs inside RobustMutex::lock on EOWNERDEAD).
-
+    /// Repair stripe `s`, whose holder died: roll its intent back, scrub
+    /// the stripe, count the repair. Runs inside `RobustMutex::lock` on
+    /// EOWNERDEAD, lock held, before the mutex is marked consistent.
     pub(super) fn repair(&self, s: usize) {
         self.undo_intent(s);
         let _ = self.scrub_stripe(s);

@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::key::{FlowKey, KEY_WORDS};
+use super::key::{Direction, FlowKey, KEY_WORDS};
 use super::reader::FlowReader;
 use super::slot::{slot_ref, FlowSnapshot, SlotRef, W_CHECK};
 use super::stripe::{mask_slots, tag_matches, SLOTS_PER_STRIPE, TAG_WORDS};
@@ -68,21 +68,21 @@ pub struct FlowUpdate {
 
 impl FlowUpdate {
     /// One frame of `bytes` bytes going `direction` with `flags`.
-    pub fn frame(direction: crate::Direction, bytes: u64, flags: u8) -> FlowUpdate {
+    pub fn frame(direction: Direction, bytes: u64, flags: u8) -> FlowUpdate {
         let mut u = FlowUpdate::default();
         u.add_frame(direction, bytes, flags);
         u
     }
 
     /// Add one frame.
-    pub fn add_frame(&mut self, direction: crate::Direction, bytes: u64, flags: u8) {
+    pub fn add_frame(&mut self, direction: Direction, bytes: u64, flags: u8) {
         match direction {
-            crate::Direction::Tx => {
+            Direction::Tx => {
                 self.tx_frames += 1;
                 self.tx_bytes = self.tx_bytes.saturating_add(bytes);
                 self.tcp_flags_tx |= flags;
             }
-            crate::Direction::Rx => {
+            Direction::Rx => {
                 self.rx_frames += 1;
                 self.rx_bytes = self.rx_bytes.saturating_add(bytes);
                 self.tcp_flags_rx |= flags;
