@@ -4,17 +4,16 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
 
 /// The default runtime base directory: /run/qpnet as root, else
 /// $XDG_RUNTIME_DIR/qpnet, else /tmp/qpnet-UID.
 pub fn default_base() -> PathBuf {
-    // SAFETY: geteuid has no failure mode and touches no memory.
-    let uid = unsafe { libc::geteuid() };
+    let uid = nix::unistd::geteuid().as_raw();
     if uid == 0 {
         return PathBuf::from("/run/qpnet");
     }
@@ -83,7 +82,9 @@ pub fn flock_held(locks: &str, dev: u64, ino: u64) -> bool {
 /// A locked runtime directory; removed on drop.
 pub struct RuntimeDir {
     dir: PathBuf,
-    _lock: File,
+    /// Held for the primary's life; the kernel releases it when the
+    /// process ends, however it ends.
+    _lock: Flock<File>,
 }
 
 impl RuntimeDir {
@@ -96,7 +97,7 @@ impl RuntimeDir {
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("creating runtime directory {}", dir.display()))?;
-        let mut lock = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -105,15 +106,17 @@ impl RuntimeDir {
             .custom_flags(libc::O_CLOEXEC)
             .open(dir.join("lock"))
             .with_context(|| format!("opening {}/lock", dir.display()))?;
-        // SAFETY: flock on an fd we own; no memory involved.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let mut pid = String::new();
-            let _ = lock.read_to_string(&mut pid);
-            bail!(
-                "qpnet instance {name:?} is already running (pid {}): stop it, or give this one another --name",
-                pid.trim()
-            );
-        }
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, _)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                bail!(
+                    "qpnet instance {name:?} is already running (pid {}): stop it, or give this one another --name",
+                    pid.trim()
+                );
+            }
+        };
         lock.set_len(0)?;
         lock.rewind()?;
         writeln!(lock, "{}", std::process::id())?;

@@ -4,9 +4,11 @@
 //! hands each fd to its worker.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub const MAX_NAME_LEN: usize = 15;
@@ -70,6 +72,11 @@ struct IfReqInt {
     value: libc::c_int,
     _pad: [u8; 20],
 }
+
+// The kernel reads and writes a whole `struct ifreq` (40 bytes on Linux)
+// through the pointers the ioctls below get: both shapes must be that big.
+const _: () = assert!(std::mem::size_of::<IfReqFlags>() == 40);
+const _: () = assert!(std::mem::size_of::<IfReqInt>() == 40);
 
 /// Check `name` is a name Linux accepts for an interface.
 pub fn validate_name(name: &str) -> Result<(), TapError> {
@@ -207,14 +214,16 @@ fn open_queue(name: &str) -> Result<OwnedFd, TapError> {
         .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open("/dev/net/tun")
         .map_err(TapError::NoTunDevice)?;
-    let req = IfReqFlags {
+    let mut req = IfReqFlags {
         name: ifname(name),
         flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE,
         _pad: [0; 22],
     };
-    // SAFETY: TUNSETIFF reads (and may write back the name of) the ifreq we
-    // own; the fd is a freshly opened tun fd.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &req) };
+    // SAFETY: TUNSETIFF reads the ifreq and writes the interface's name back
+    // into it, so it gets a pointer to a live, exclusively borrowed local of
+    // the full `struct ifreq` size (40 bytes); the fd is a freshly opened tun
+    // fd.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
         return Err(match e.raw_os_error() {
@@ -232,17 +241,17 @@ fn open_queue(name: &str) -> Result<OwnedFd, TapError> {
 }
 
 fn control_socket(name: &str) -> Result<OwnedFd, TapError> {
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(TapError::Ioctl {
-            what: "socket",
-            name: name.to_string(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: fd is a new socket we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| TapError::Ioctl {
+        what: "socket",
+        name: name.to_string(),
+        source: e.into(),
+    })
 }
 
 #[cfg(test)]
