@@ -95,12 +95,12 @@ pub enum ChainError {
 /// its buffers to `out` (which the caller cleared or positioned). Every
 /// descriptor must allow `access`. The total length is `out.total()` minus
 /// what was there before. On error `out` may hold part of the chain.
-pub fn walk_chain(
-    mem: &GuestMemoryMap,
+pub fn walk_chain<'m>(
+    mem: &'m GuestMemoryMap,
     table: DescTable,
     head: u16,
     access: Access,
-    out: &mut IoVecs,
+    out: &mut IoVecs<'m>,
 ) -> Result<(), ChainError> {
     let mut table_addr = table.addr;
     let mut table_len = u32::from(table.size);
@@ -173,12 +173,14 @@ fn read_descriptor(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iovecs::IoVecBuf;
     use crate::test_util::{desc, TestMemory, BUF_BASE, F_INDIRECT, F_NEXT, F_WRITE};
 
     const TABLE: u64 = crate::test_util::MEM_BASE;
 
     fn walk(m: &TestMemory, size: u16, head: u16, access: Access) -> Result<u64, ChainError> {
-        let mut out = IoVecs::new();
+        let mut buf = IoVecBuf::new();
+        let mut out = buf.bind(&m.map);
         walk_chain(
             &m.map,
             DescTable { addr: TABLE, size },

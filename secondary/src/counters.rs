@@ -3,7 +3,9 @@
 //! The packet path bumps plain integers in [`LocalCounters`]; once per loop
 //! turn they are added to the published [`QueueStats`] atomics, so no frame
 //! pays for an atomic operation. Until the primary sends the shared region,
-//! the counters go to a private block that nobody reads.
+//! the counters go to a private block that nobody reads. [`Tally`] counts
+//! refusals for the log, which names only the 1st, 2nd, 4th, 8th... of a
+//! kind, so a guest sending garbage at line rate cannot flood it.
 
 use std::sync::atomic::Ordering;
 
@@ -63,6 +65,19 @@ impl StatsHome {
     }
 }
 
+/// How often one kind of refusal happened, for rate-limited logging.
+#[derive(Debug, Default)]
+pub struct Tally(u64);
+
+impl Tally {
+    /// Count one more; `Some(total so far)` when this one should be logged
+    /// (the total is a power of two).
+    pub fn note(&mut self) -> Option<u64> {
+        self.0 += 1;
+        self.0.is_power_of_two().then_some(self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +98,12 @@ mod tests {
         assert_eq!(c, LocalCounters::default());
         home.beat();
         assert!(QueueStats::get(&home.stats().heartbeat_ns) > 0);
+    }
+
+    #[test]
+    fn tally_logs_powers_of_two() {
+        let mut t = Tally::default();
+        let logged: Vec<u64> = (0..20).filter_map(|_| t.note()).collect();
+        assert_eq!(logged, [1, 2, 4, 8, 16]);
     }
 }

@@ -8,12 +8,9 @@
 //! A frame whose flow cannot be recorded (table full, stripe busy) is
 //! forwarded anyway and counted as untracked.
 
-use std::ops::Range;
-
 use qpnet_shared::{Direction, FlowCache, FlowTimeouts, FLOW_HEADROOM};
 
 use crate::counters::StatsHome;
-use crate::iovecs::IoVecs;
 use qpnet_shared::monotonic_ns;
 
 const EXPIRY_INTERVAL_NS: u64 = 100_000_000;
@@ -51,22 +48,22 @@ impl FlowTracker {
         }
     }
 
-    /// Note one frame of `frame_len` bytes (header excluded) that sits in
-    /// `entries` of `iovecs` after a `header_len`-byte virtio-net header.
+    /// Note one frame of `frame_len` bytes (virtio-net header excluded) going
+    /// `direction`. `copy_head` copies the frame's first bytes into the
+    /// buffer it is given and returns how many it copied; it is called only
+    /// while tracking is on.
     #[inline]
     pub fn note(
         &mut self,
-        iovecs: &IoVecs,
-        entries: Range<usize>,
-        header_len: usize,
-        frame_len: u64,
         direction: Direction,
+        frame_len: u64,
+        copy_head: impl FnOnce(&mut [u8]) -> usize,
     ) {
         let Some(cache) = self.cache.as_mut() else {
             return;
         };
         let want = usize::try_from(frame_len).map_or(FLOW_HEADROOM, |l| l.min(FLOW_HEADROOM));
-        let got = iovecs.read_at(entries, header_len, &mut self.head[..want]);
+        let got = copy_head(&mut self.head[..want]).min(want);
         cache.note_frame(&self.head[..got], frame_len, direction);
     }
 

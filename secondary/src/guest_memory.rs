@@ -108,8 +108,8 @@ impl GuestMemoryMap {
         Ok(GuestMemoryMap::from_mmap(mmap))
     }
 
-    /// Wrap an already built vm-memory map (tests use anonymous memory).
-    pub fn from_mmap(mmap: GuestMemoryMmap<()>) -> GuestMemoryMap {
+    /// Wrap a vm-memory map, listing its regions for translation.
+    fn from_mmap(mmap: GuestMemoryMmap<()>) -> GuestMemoryMap {
         let mut ranges: Vec<HostRange> = mmap
             .iter()
             .filter_map(|r| {
@@ -135,10 +135,16 @@ impl GuestMemoryMap {
         self.ranges.len()
     }
 
-    /// Append host iovecs covering guest buffer `gpa..gpa+len` to `out`. A
-    /// buffer may run across adjacent regions (one iovec per region). On
-    /// error `out` may hold part of the buffer; callers drop the whole frame.
-    pub fn translate(&self, gpa: u64, len: u32, out: &mut IoVecs) -> Result<(), TranslateError> {
+    /// Append host iovecs covering guest buffer `gpa..gpa+len` to `out`, a
+    /// list that cannot outlive this map. A buffer may run across adjacent
+    /// regions (one iovec per region). On error `out` may hold part of the
+    /// buffer; callers drop the whole frame.
+    pub fn translate<'m>(
+        &'m self,
+        gpa: u64,
+        len: u32,
+        out: &mut IoVecs<'m>,
+    ) -> Result<(), TranslateError> {
         let outside = TranslateError::OutsideMemory { gpa, len };
         let mut addr = gpa;
         let mut left = u64::from(len);
@@ -149,7 +155,10 @@ impl GuestMemoryMap {
             // SAFETY: `offset < range.len`, so the pointer stays inside the
             // mapping of this region, which lives as long as `self`.
             let host = unsafe { range.host.add(offset as usize) };
-            out.push(host, chunk as usize)?;
+            // SAFETY: `host..host + chunk` lies inside this region's mapping
+            // (`chunk <= range.len - offset`), and `out` cannot outlive
+            // `self` (`'m`), which keeps the mapping alive.
+            unsafe { out.push(host, chunk as usize) }?;
             left -= chunk;
             addr = addr.checked_add(chunk).ok_or(outside)?;
         }
@@ -214,6 +223,7 @@ impl GuestMemoryMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iovecs::IoVecBuf;
     use std::io::Write;
     use std::os::fd::AsFd;
 
@@ -297,7 +307,8 @@ mod tests {
         let mem =
             GuestMemoryMap::map_regions(&regions, vec![fd.try_clone().unwrap(), fd]).expect("map");
         assert_eq!(mem.region_count(), 2);
-        let mut v = IoVecs::new();
+        let mut buf = IoVecBuf::new();
+        let mut v = buf.bind(&mem);
         mem.translate(base + 0xff0, 0x20, &mut v).unwrap();
         assert_eq!(v.len(), 2, "a buffer across two regions gives two iovecs");
         assert_eq!(v.total(), 0x20);

@@ -1,33 +1,67 @@
-//! A reusable list of host `iovec`s pointing into guest memory.
+//! Host `iovec`s pointing into guest memory, and the allocation they live in.
 //!
-//! Frames move between the rings and the TAP with one `readv`/`writev` on the
-//! buffers the guest supplied, so a descriptor chain is turned into a list of
-//! host (pointer, length) pairs. The list is kept by the TX and RX paths and
-//! cleared for every frame, so after warm-up no frame allocates. Raw `iovec`s
-//! (not `IoSlice`) are used on purpose: guest memory changes under our feet,
-//! and Rust references to it would promise the opposite.
+//! Frames move between the rings and the frame I/O with one `readv`/`writev`
+//! on the buffers the guest supplied, so a descriptor chain is turned into a
+//! list of host (pointer, length) pairs. Those pointers are only valid while
+//! the guest memory map they were translated through is mapped, so the list
+//! that holds them, [`IoVecs`], borrows that map: it cannot outlive a remap
+//! (`SetMemTable` replaces the map only between runs, when no list exists).
+//! Its allocation, an [`IoVecBuf`], is kept by each queue from run to run and
+//! holds no entry in between, so after warm-up no frame allocates: a run
+//! binds the buffer to the current map ([`IoVecBuf::bind`]), which only
+//! resets a length.
+//!
+//! Entries are added only by translating guest buffers
+//! (`GuestMemoryMap::translate`), so every entry points into the map the list
+//! borrows; that is what makes the copies below and the system calls of the
+//! frame I/O sound. Raw `iovec`s (not `IoSlice`) are used on purpose: guest
+//! memory changes under our feet, and Rust references to it would promise the
+//! opposite.
 
+use std::marker::PhantomData;
 use std::ops::Range;
+
+use crate::guest_memory::GuestMemoryMap;
 
 /// Most iovecs one `readv`/`writev` accepts (`IOV_MAX` on Linux).
 pub const MAX_IOVECS: usize = 1024;
 
-/// Host iovecs of one frame, with their total length.
+/// The reusable allocation of an iovec list; empty between runs.
 #[derive(Debug, Default)]
-pub struct IoVecs {
+pub struct IoVecBuf {
     list: Vec<libc::iovec>,
-    total: u64,
 }
 
-impl IoVecs {
-    /// An empty list with room for a typical frame.
-    pub fn new() -> IoVecs {
-        IoVecs {
+impl IoVecBuf {
+    /// An allocation with room for a typical frame's segments.
+    pub fn new() -> IoVecBuf {
+        IoVecBuf {
             list: Vec::with_capacity(64),
-            total: 0,
         }
     }
 
+    /// An empty list for buffers of `mem`, in this allocation. The list
+    /// borrows both, so neither the map nor the allocation can change while
+    /// it holds pointers.
+    pub fn bind<'m>(&'m mut self, _mem: &'m GuestMemoryMap) -> IoVecs<'m> {
+        self.list.clear();
+        IoVecs {
+            list: &mut self.list,
+            total: 0,
+            _mem: PhantomData,
+        }
+    }
+}
+
+/// Host iovecs into the guest memory map `'m`, with their total length.
+#[derive(Debug)]
+pub struct IoVecs<'m> {
+    list: &'m mut Vec<libc::iovec>,
+    total: u64,
+    _mem: PhantomData<&'m GuestMemoryMap>,
+}
+
+impl IoVecs<'_> {
     /// Forget every entry (keeps the allocation).
     pub fn clear(&mut self) {
         self.list.clear();
@@ -46,7 +80,11 @@ impl IoVecs {
 
     /// Append `len` bytes at host address `base`. Fails (and appends nothing)
     /// when the list already holds [`MAX_IOVECS`] entries.
-    pub fn push(&mut self, base: *mut u8, len: usize) -> Result<(), TooManySegments> {
+    ///
+    /// # Safety
+    /// `base..base + len` must lie inside one mapping of the guest memory
+    /// map this list borrows (only `GuestMemoryMap::translate` calls this).
+    pub(crate) unsafe fn push(&mut self, base: *mut u8, len: usize) -> Result<(), TooManySegments> {
         if self.list.len() >= MAX_IOVECS {
             return Err(TooManySegments);
         }
@@ -74,9 +112,10 @@ impl IoVecs {
         }
     }
 
-    /// The entries, for `readv`/`writev`.
+    /// The entries, for `readv`/`writev`: each points into live guest memory
+    /// of at least its length for as long as this list exists.
     pub fn as_slice(&self) -> &[libc::iovec] {
-        &self.list
+        self.list
     }
 
     /// Write `bytes` at byte `offset` of the area the entries `entries`
@@ -101,12 +140,12 @@ impl IoVecs {
                 continue;
             }
             let n = rest.len().min(v.iov_len - skip);
-            // SAFETY: every iovec points into a live guest-memory mapping of
-            // at least `iov_len` bytes (the list is rebuilt per batch from
-            // the current map) and `skip + n <= iov_len`; our slice cannot
-            // overlap guest memory. We copy through raw pointers and make no
-            // reference into guest memory, so a hostile guest writing the
-            // same bytes concurrently can only leave garbage in its own
+            // SAFETY: every entry points into a live mapping of the guest
+            // memory map this list borrows, of at least `iov_len` bytes
+            // (`push`'s contract), and `skip + n <= iov_len`; our slice
+            // cannot overlap guest memory. We copy through raw pointers and
+            // make no reference into guest memory, so a hostile guest writing
+            // the same bytes concurrently can only leave garbage in its own
             // buffer.
             unsafe {
                 std::ptr::copy_nonoverlapping(rest.as_ptr(), v.iov_base.cast::<u8>().add(skip), n)
@@ -116,9 +155,7 @@ impl IoVecs {
         }
         true
     }
-}
 
-impl IoVecs {
     /// Copy up to `out.len()` bytes from byte `offset` of the area the
     /// entries `entries` describe into `out`; returns how many were copied
     /// (fewer when the area ends first).
@@ -137,11 +174,12 @@ impl IoVecs {
                 continue;
             }
             let n = (out.len() - done).min(v.iov_len - skip);
-            // SAFETY: every iovec points into a live guest-memory mapping of
-            // at least `iov_len` bytes and `skip + n <= iov_len`; `out` is
-            // our own buffer with room for `n` more bytes. The guest may
-            // write these bytes concurrently (it must not, but may be
-            // hostile): we only copy them out and parse our copy.
+            // SAFETY: every entry points into a live mapping of the guest
+            // memory map this list borrows, of at least `iov_len` bytes, and
+            // `skip + n <= iov_len`; `out` is our own buffer with room for
+            // `n` more bytes. The guest may write these bytes concurrently
+            // (it must not, but may be hostile): we only copy them out and
+            // parse our copy.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     v.iov_base.cast::<u8>().add(skip),
@@ -164,42 +202,52 @@ pub struct TooManySegments;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{TestMemory, BUF_BASE};
 
     #[test]
     fn write_at_straddles_entries() {
-        let mut a = [0u8; 11];
-        let mut b = [0u8; 4];
-        let mut v = IoVecs::new();
-        v.push(a.as_mut_ptr(), a.len()).unwrap();
-        v.push(b.as_mut_ptr(), b.len()).unwrap();
+        let m = TestMemory::new();
+        let (a, b) = (BUF_BASE, BUF_BASE + 0x1000);
+        let mut buf = IoVecBuf::new();
+        let mut v = buf.bind(&m.map);
+        m.map.translate(a, 11, &mut v).unwrap();
+        m.map.translate(b, 4, &mut v).unwrap();
         assert_eq!(v.total(), 15);
         assert!(v.write_at(0..2, 10, &[0x34, 0x12]));
-        assert_eq!(a[10], 0x34);
-        assert_eq!(b[0], 0x12);
+        assert_eq!(m.read(a + 10, 1), [0x34]);
+        assert_eq!(m.read(b, 1), [0x12]);
         assert!(
             !v.write_at(0..1, 10, &[1, 2]),
             "area of one entry is too short"
         );
         assert!(!v.write_at(0..2, 14, &[1, 2]));
         assert!(v.write_at(1..2, 2, &[7, 8]));
-        assert_eq!(b, [0x12, 0, 7, 8]);
+        assert_eq!(m.read(b, 4), [0x12, 0, 7, 8]);
         assert!(!v.write_at(1..3, 0, &[1]), "range past the list");
+        let mut out = [0u8; 6];
+        assert_eq!(v.read_at(0..2, 9, &mut out), 6);
+        assert_eq!(out, [0, 0x34, 0x12, 0, 7, 8]);
         v.truncate(1);
         assert_eq!(v.total(), 11);
-        v.push(b.as_mut_ptr(), b.len()).unwrap();
+        m.map.translate(b, 4, &mut v).unwrap();
         v.remove_front(1);
         assert_eq!(v.total(), 4);
-        assert_eq!(v.as_slice()[0].iov_base, b.as_mut_ptr().cast());
+        assert_eq!(v.len(), 1);
+        assert_eq!(v.read_at(0..1, 0, &mut out), 4);
+        assert_eq!(out[..4], [0x12, 0, 7, 8]);
     }
 
     #[test]
-    fn list_is_capped() {
-        let mut x = [0u8; 1];
-        let mut v = IoVecs::new();
+    fn list_is_capped_and_rebinding_empties_it() {
+        let m = TestMemory::new();
+        let mut buf = IoVecBuf::new();
+        let mut v = buf.bind(&m.map);
         for _ in 0..MAX_IOVECS {
-            v.push(x.as_mut_ptr(), 1).unwrap();
+            m.map.translate(BUF_BASE, 1, &mut v).unwrap();
         }
-        assert_eq!(v.push(x.as_mut_ptr(), 1), Err(TooManySegments));
+        assert!(m.map.translate(BUF_BASE, 1, &mut v).is_err());
         assert_eq!(v.len(), MAX_IOVECS);
+        let v = buf.bind(&m.map);
+        assert_eq!((v.len(), v.total()), (0, 0));
     }
 }

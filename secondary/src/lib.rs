@@ -1,5 +1,5 @@
 //! The qpnet worker: one process per queue pair, moving frames between the
-//! guest's two virtqueues of that pair and one TAP queue.
+//! guest's two virtqueues of that pair and one frame I/O (a TAP queue).
 //!
 //! The primary fork+execs `qpnet worker --queue-pair N --control-fd 3` and
 //! drives it over a `SOCK_SEQPACKET` control socket (`qpnet_ipc`): guest
@@ -9,25 +9,36 @@
 //! broken ring is stopped; nothing the guest does may crash the worker.
 //!
 //! A frame's whole trip is readable here: [`worker`](crate::run_worker)
-//! (epoll loop, control requests) -> `tx` (ring -> TAP) / `rx` (TAP -> ring),
-//! through `ring` (virtqueue and notifications), `flows` (flow tracking), `chain` (descriptor
-//! walking), `guest_memory` (mapping and address translation), `tap`.
+//! (the epoll loop, `events`) routes control requests to `control` and
+//! everything else to the `queue_pair`, whose `tx` (ring -> frame I/O) and
+//! `rx` (frame I/O -> ring) queues run through `ring` (virtqueue and
+//! notifications), `chain` (descriptor walking), `iovecs` and `guest_memory`
+//! (mapping and address translation), `flows` (flow tracking), and
+//! `frame_io`, the trait behind which `tap` sits.
+//!
+//! With the `test-utils` feature, [`test_util`] is the project's guest memory
+//! and split-ring driver for tests of other crates.
 #![deny(missing_docs)]
 
 mod chain;
+mod control;
 mod counters;
+mod events;
 mod features;
 mod flows;
+mod frame_io;
 mod guest_memory;
 mod iovecs;
+mod queue;
+mod queue_pair;
 mod ring;
 mod rx;
 mod tap;
 mod tx;
 mod worker;
 
-#[cfg(test)]
-mod test_util;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_util;
 #[cfg(test)]
 mod worker_tests;
 

@@ -459,7 +459,7 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{desc, TestMemory, TestRing, BUF_BASE, F_WRITE};
+    use crate::test_util::{desc, TestMemory, BUF_BASE, F_WRITE};
 
     fn take_and_complete(ring: &mut Ring, m: &TestMemory, n: usize) {
         for _ in 0..n {
@@ -471,19 +471,19 @@ mod tests {
     #[test]
     fn used_index_is_published_per_batch_and_every_64() {
         let m = TestMemory::new();
-        let mut tr = TestRing::new(&m, 256);
+        let mut tr = m.ring(256);
         for _ in 0..100 {
             tr.add_chain(&[desc(BUF_BASE, 64, 0, 0)]);
         }
         let mut ring = tr.start(&m, false);
         take_and_complete(&mut ring, &m, 10);
-        assert_eq!(tr.used_idx(&m), 0, "not yet published");
+        assert_eq!(tr.used_idx(), 0, "not yet published");
         take_and_complete(&mut ring, &m, 60);
-        assert_eq!(tr.used_idx(&m), PUBLISH_EVERY);
+        assert_eq!(tr.used_idx(), PUBLISH_EVERY);
         take_and_complete(&mut ring, &m, 30);
         assert!(ring.signal_guest(&m.map).unwrap());
-        assert_eq!(tr.used_idx(&m), 100);
-        assert_eq!(tr.used(&m).len(), 100);
+        assert_eq!(tr.used_idx(), 100);
+        assert_eq!(tr.used().len(), 100);
         assert!(
             !ring.signal_guest(&m.map).unwrap(),
             "nothing new: no interrupt"
@@ -493,25 +493,25 @@ mod tests {
     #[test]
     fn a_frame_is_published_whole_even_across_the_publish_threshold() {
         let m = TestMemory::new();
-        let mut tr = TestRing::new(&m, 256);
+        let mut tr = m.ring(256);
         for _ in 0..70 {
             tr.add_chain(&[desc(BUF_BASE, 64, F_WRITE, 0)]);
         }
         let mut ring = tr.start(&m, false);
         take_and_complete(&mut ring, &m, 60);
-        assert_eq!(tr.used_idx(&m), 0);
+        assert_eq!(tr.used_idx(), 0);
         // One frame of 8 chains: 60..68 straddles PUBLISH_EVERY (64).
         let heads: Vec<u16> = (0..8).map(|_| ring.pop(&m.map).unwrap().unwrap()).collect();
         ring.complete_frame(&m.map, heads.iter().map(|&h| (h, 64)))
             .unwrap();
-        assert_eq!(tr.used_idx(&m), 68, "published after the whole frame");
+        assert_eq!(tr.used_idx(), 68, "published after the whole frame");
         assert_eq!(ring.next_used(), 68);
     }
 
     #[test]
     fn a_frame_that_faults_halfway_leaves_the_used_index_at_its_start() {
         let m = TestMemory::new();
-        let mut tr = TestRing::new(&m, 16);
+        let mut tr = m.ring(16);
         for _ in 0..4 {
             tr.add_chain(&[desc(BUF_BASE, 64, F_WRITE, 0)]);
         }
@@ -524,18 +524,18 @@ mod tests {
         assert!(matches!(err, RingFault::HeadOutOfRange { head: 16, .. }));
         assert_eq!(ring.next_used(), 1, "nothing of the broken frame is used");
         assert!(ring.signal_guest(&m.map).unwrap());
-        assert_eq!(tr.used_idx(&m), 1);
+        assert_eq!(tr.used_idx(), 1);
     }
 
     #[test]
     fn event_idx_interrupts_only_when_used_event_is_crossed() {
         let m = TestMemory::new();
-        let mut tr = TestRing::new(&m, 16);
+        let mut tr = m.ring(16);
         for _ in 0..6 {
             tr.add_chain(&[desc(BUF_BASE, 64, 0, 0)]);
         }
         let mut ring = tr.start(&m, true);
-        tr.set_used_event(&m, 3); // interrupt when entry 3 is used
+        tr.set_used_event(3); // interrupt when entry 3 is used
         take_and_complete(&mut ring, &m, 2);
         assert!(!ring.signal_guest(&m.map).unwrap());
         assert!(!tr.interrupted());
@@ -549,33 +549,31 @@ mod tests {
     #[test]
     fn no_interrupt_flag_is_honoured_without_event_idx() {
         let m = TestMemory::new();
-        let mut tr = TestRing::new(&m, 16);
+        let mut tr = m.ring(16);
         for _ in 0..2 {
             tr.add_chain(&[desc(BUF_BASE, 64, 0, 0)]);
         }
         let mut ring = tr.start(&m, false);
-        tr.set_avail_flags(&m, 1);
+        tr.set_avail_flags(1);
         take_and_complete(&mut ring, &m, 1);
         assert!(!ring.signal_guest(&m.map).unwrap());
-        tr.set_avail_flags(&m, 0);
+        tr.set_avail_flags(0);
         take_and_complete(&mut ring, &m, 1);
         assert!(ring.signal_guest(&m.map).unwrap());
-        assert_eq!(tr.used_idx(&m), 2);
+        assert_eq!(tr.used_idx(), 2);
     }
 
     #[test]
     fn kicks_are_armed_after_the_current_avail_index() {
         let m = TestMemory::new();
-        let mut tr = TestRing::new(&m, 16);
+        let mut tr = m.ring(16);
         for _ in 0..3 {
             tr.add_chain(&[desc(BUF_BASE, 64, 0, 0)]);
         }
         let mut ring = tr.start(&m, true);
         assert!(!ring.arm_kick_after_current(&m.map).unwrap());
         // avail_event (after the used ring's entries) is the avail index.
-        let used_ring = tr.config(qpnet_ipc::RingKind::Rx).used_ring;
-        let ev = m.read(used_ring + 4 + 8 * 16, 2);
-        assert_eq!(u16::from_le_bytes([ev[0], ev[1]]), 3);
+        assert_eq!(tr.avail_event(), 3);
         assert_eq!(ring.next_avail(), 0, "chains stay available");
     }
 }

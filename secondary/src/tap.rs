@@ -1,4 +1,4 @@
-//! The TAP queue fd of this queue pair: nonblocking `readv`/`writev`.
+//! The TAP queue fd of this queue pair: the [`FrameIo`] of a TAP.
 //!
 //! The primary opened the TAP (IFF_MULTI_QUEUE, IFF_VNET_HDR) and sends one
 //! queue fd. One read or write is one frame, virtio-net header first, so the
@@ -6,13 +6,19 @@
 //! is switched to O_NONBLOCK: an empty queue is `WouldBlock`, never a stall.
 //! Any fd with datagram semantics works the same way (tests use a unix
 //! `SOCK_DGRAM` socketpair).
+//!
+//! `readv`/`writev` are called through libc rather than nix: nix's wrappers
+//! take `IoSlice`s, which are Rust references into guest memory that the
+//! guest may change at any time; our iovecs are raw pointers on purpose.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
+use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use crate::frame_io::FrameIo;
 use crate::iovecs::IoVecs;
 
 /// A TAP queue.
@@ -29,80 +35,73 @@ impl Tap {
         fcntl(&fd, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
         Ok(Tap { fd })
     }
+}
 
-    /// Write one frame gathered from `iov`. `WouldBlock` when the queue is
-    /// full; interrupted calls are retried.
-    pub fn write_frame(&self, iov: &IoVecs) -> io::Result<usize> {
-        let list = iov.as_slice();
-        loop {
+impl FrameIo for Tap {
+    /// Interrupted calls are retried.
+    fn write_frame(&self, frame: &IoVecs<'_>) -> io::Result<usize> {
+        let list = frame.as_slice();
+        retry(|| {
             // SAFETY: every iovec points into live guest memory of at least
-            // its length (built from the current map for this frame); the
+            // its length for as long as `frame` exists (see iovecs.rs); the
             // kernel only reads it.
-            let n = unsafe {
+            unsafe {
                 libc::writev(
                     self.fd.as_raw_fd(),
                     list.as_ptr(),
                     list.len() as libc::c_int,
                 )
-            };
-            if let Some(n) = Self::result(n)? {
-                return Ok(n);
             }
-        }
+        })
     }
 
-    /// Read one frame into `iov[from..]`. Returns the frame's length, which
-    /// a TAP reports in full even when the buffers were too short for it.
-    /// `WouldBlock` when no frame waits.
-    pub fn read_frame(&self, iov: &IoVecs, from: usize) -> io::Result<usize> {
-        let list = iov.as_slice().get(from..).unwrap_or(&[]);
-        loop {
+    /// A TAP reports a frame's full length even when the buffers were too
+    /// short for it. Interrupted calls are retried.
+    fn read_frame(&self, bufs: &IoVecs<'_>, from: usize) -> io::Result<usize> {
+        let list = bufs.as_slice().get(from..).unwrap_or(&[]);
+        retry(|| {
             // SAFETY: every iovec points into live, writable guest memory of
-            // at least its length (built from the current map this batch).
-            let n = unsafe {
+            // at least its length for as long as `bufs` exists (see
+            // iovecs.rs); the kernel writes at most that much into each.
+            unsafe {
                 libc::readv(
                     self.fd.as_raw_fd(),
                     list.as_ptr(),
                     list.len() as libc::c_int,
                 )
-            };
-            if let Some(n) = Self::result(n)? {
-                return Ok(n);
             }
-        }
+        })
     }
 
-    /// Read one frame into a private buffer (the rare bounce path).
-    /// Returns the frame's full length, like [`Tap::read_frame`].
-    pub fn read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
+    fn read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            // SAFETY: `buf` is a valid, writable slice of `buf.len()` bytes.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if let Some(n) = Self::result(n)? {
-                return Ok(n);
+            match nix::unistd::read(&self.fd, buf) {
+                Err(Errno::EINTR) => continue,
+                r => return r.map_err(io::Error::from),
             }
         }
     }
 
-    /// Whether a frame is waiting (a poll with zero timeout).
-    pub fn has_frame(&self) -> bool {
+    /// A poll with zero timeout.
+    fn has_frame(&self) -> bool {
         let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
         matches!(poll(&mut pfd, PollTimeout::ZERO), Ok(n) if n > 0)
             && pfd[0]
                 .revents()
                 .is_some_and(|r| r.contains(PollFlags::POLLIN))
     }
+}
 
-    /// `Some(n)` on success, `None` to retry after EINTR, the error otherwise.
-    fn result(n: isize) -> io::Result<Option<usize>> {
+/// Run a raw `readv`/`writev` until it is not interrupted.
+fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let n = call();
         if n >= 0 {
-            return Ok(Some(n as usize));
+            return Ok(n as usize);
         }
         let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::Interrupted {
-            Ok(None)
-        } else {
-            Err(err)
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
         }
     }
 }

@@ -12,7 +12,7 @@ use qpnet_shared::{QueueStats, SharedRegion};
 
 use crate::run_worker;
 use crate::test_util::{
-    desc, dgram_fds, peer, wait_for, TestMemory, TestRing, BUF_BASE, F_WRITE, MEM_BASE, SECOND_RING,
+    desc, dgram_fds, wait_for, Peer, TestMemory, BUF_BASE, F_WRITE, MEM_BASE, SECOND_RING,
 };
 
 const QP: u16 = 1;
@@ -78,13 +78,12 @@ impl Harness {
         t.join().expect("worker thread panicked")
     }
 
-    fn mem_table(&self, fd: &OwnedFd, regions: &[MemoryRegion]) {
-        let fds: Vec<BorrowedFd<'_>> = regions.iter().map(|_| fd.as_fd()).collect();
+    fn mem_table(&self, m: &TestMemory) {
         self.ok(
             &Request::SetMemTable {
-                regions: regions.to_vec(),
+                regions: m.memory_table(),
             },
-            &fds,
+            &m.fds(),
         );
     }
 }
@@ -140,7 +139,8 @@ fn requests_before_hello_and_bad_fd_counts_refused() {
 #[test]
 fn bad_memory_tables_refused() {
     let h = Harness::greeted();
-    let (_m, fd, regions) = TestMemory::shared();
+    let m = TestMemory::new();
+    let (fds, regions) = (m.fds(), m.memory_table());
     let overlapping = vec![
         regions[0],
         MemoryRegion {
@@ -152,40 +152,41 @@ fn bad_memory_tables_refused() {
         &Request::SetMemTable {
             regions: overlapping,
         },
-        &[fd.as_fd(), fd.as_fd()],
+        &fds,
         "overlap",
     );
+    // Region 0's memfd holds 2 MiB; this region would end past it.
     let past_eof = vec![MemoryRegion {
         guest_phys_addr: MEM_BASE,
-        size: 0x40_0000,
+        size: 0x20_0000,
         mmap_offset: 0x1000,
     }];
     h.refused(
         &Request::SetMemTable { regions: past_eof },
-        &[fd.as_fd()],
+        &fds[..1],
         "past the end of its file",
     );
     // Still running, and a good table is taken.
-    h.mem_table(&fd, &regions);
+    h.mem_table(&m);
 }
 
 #[test]
 fn bad_ring_starts_refused() {
     let h = Harness::greeted();
-    let (m, fd, regions) = TestMemory::shared();
-    let tr = TestRing::new(&m, 64);
+    let m = TestMemory::new();
+    let tr = m.ring(64);
     let cfg = tr.config(RingKind::Tx);
     h.refused(
         &Request::StartRing(cfg),
         &fd_refs(&tr.fds()),
         "memory table",
     );
-    h.mem_table(&fd, &regions);
+    h.mem_table(&m);
     // A kick that is not an eventfd (a memfd here).
     let call = tr.fds().pop().unwrap();
     h.refused(
         &Request::StartRing(cfg),
-        &[fd.as_fd(), call.as_fd()],
+        &[m.fds()[0], call.as_fd()],
         "eventfd",
     );
     // Rings outside guest memory.
@@ -207,11 +208,11 @@ fn bad_ring_starts_refused() {
 #[test]
 fn frames_flow_both_ways_and_counters_are_shared() {
     let h = Harness::greeted();
-    let (m, fd, regions) = TestMemory::shared();
+    let m = TestMemory::new();
     let shm_path = std::env::temp_dir().join(format!("qpnet-worker-test-{}", std::process::id()));
     let shm = SharedRegion::create(&shm_path, 2).expect("shared region");
     let (tap_fd, peer_fd) = dgram_fds();
-    let peer = peer(peer_fd);
+    let peer = Peer::new(peer_fd);
 
     h.ok(
         &Request::AttachShared {
@@ -227,11 +228,11 @@ fn frames_flow_both_ways_and_counters_are_shared() {
         },
         &[],
     );
-    h.mem_table(&fd, &regions);
+    h.mem_table(&m);
     h.ok(&Request::AttachTap, &[tap_fd.as_fd()]);
 
     // TX: a frame queued before the ring starts goes out at start.
-    let mut tx = TestRing::new(&m, 64);
+    let mut tx = m.ring(64);
     let mut early = vec![0u8; 12];
     early.extend(b"early frame: queued before StartRing");
     m.write(BUF_BASE, &early);
@@ -257,7 +258,7 @@ fn frames_flow_both_ways_and_counters_are_shared() {
     );
 
     // RX: buffers posted, a frame arrives from the TAP.
-    let mut rx = TestRing::new_at(&m, 64, SECOND_RING);
+    let mut rx = m.ring_at(64, SECOND_RING);
     for i in 0..8 {
         rx.add_chain(&[desc(BUF_BASE + 0x10000 + 0x1000 * i, 2048, F_WRITE, 0)]);
     }
@@ -268,9 +269,9 @@ fn frames_flow_both_ways_and_counters_are_shared() {
     let mut incoming = vec![0u8; 12];
     incoming.extend((0..700u32).map(|i| (i * 7) as u8));
     peer.send_frame(&incoming);
-    wait_for("the RX frame in the used ring", || rx.used(&m).len() == 1);
+    wait_for("the RX frame in the used ring", || rx.used().len() == 1);
     let heads = rx.heads();
-    assert_eq!(rx.used(&m), vec![(heads[0], incoming.len() as u32)]);
+    assert_eq!(rx.used(), vec![(heads[0], incoming.len() as u32)]);
     let mut expected = incoming.clone();
     expected[10] = 1; // num_buffers
     assert_eq!(m.read(BUF_BASE + 0x10000, incoming.len()), expected);
@@ -304,9 +305,9 @@ fn frames_flow_both_ways_and_counters_are_shared() {
 #[test]
 fn rx_waits_for_buffers_without_dropping() {
     let h = Harness::greeted();
-    let (m, fd, regions) = TestMemory::shared();
+    let m = TestMemory::new();
     let (tap_fd, peer_fd) = dgram_fds();
-    let peer = peer(peer_fd);
+    let peer = Peer::new(peer_fd);
     h.ok(
         &Request::SetFeatures {
             features: EVENT_IDX,
@@ -315,9 +316,9 @@ fn rx_waits_for_buffers_without_dropping() {
         },
         &[],
     );
-    h.mem_table(&fd, &regions);
+    h.mem_table(&m);
     h.ok(&Request::AttachTap, &[tap_fd.as_fd()]);
-    let mut rx = TestRing::new(&m, 16);
+    let mut rx = m.ring(16);
     h.ok(
         &Request::StartRing(rx.config(RingKind::Rx)),
         &fd_refs(&rx.fds()),
@@ -326,22 +327,22 @@ fn rx_waits_for_buffers_without_dropping() {
     frame.extend([0x5a; 60]);
     peer.send_frame(&frame);
     std::thread::sleep(Duration::from_millis(50));
-    assert!(rx.used(&m).is_empty());
+    assert!(rx.used().is_empty());
     rx.add_chain(&[desc(BUF_BASE, 2048, F_WRITE, 0)]);
     rx.kick();
-    wait_for("the frame once a buffer arrived", || rx.used(&m).len() == 1);
+    wait_for("the frame once a buffer arrived", || rx.used().len() == 1);
     assert_eq!(m.read(BUF_BASE + 12, 60), vec![0x5a; 60]);
 }
 
 #[test]
 fn broken_ring_is_stopped_and_reports_its_position() {
     let h = Harness::greeted();
-    let (m, fd, regions) = TestMemory::shared();
+    let m = TestMemory::new();
     let (tap_fd, peer_fd) = dgram_fds();
-    let peer = peer(peer_fd);
-    h.mem_table(&fd, &regions);
+    let peer = Peer::new(peer_fd);
+    h.mem_table(&m);
     h.ok(&Request::AttachTap, &[tap_fd.as_fd()]);
-    let mut tx = TestRing::new(&m, 16);
+    let mut tx = m.ring(16);
     h.ok(
         &Request::StartRing(tx.config(RingKind::Tx)),
         &fd_refs(&tx.fds()),
@@ -353,7 +354,7 @@ fn broken_ring_is_stopped_and_reports_its_position() {
     tx.kick();
     assert!(peer.recv_frame_within(Duration::from_secs(5)).is_some());
     // The avail index jumps far past the ring size.
-    tx.set_avail_idx(&m, 1000);
+    tx.set_avail_idx(1000);
     tx.kick();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
@@ -373,12 +374,12 @@ fn broken_ring_is_stopped_and_reports_its_position() {
 #[test]
 fn memory_swap_keeps_rings_or_stops_the_ones_outside() {
     let h = Harness::greeted();
-    let (m, fd, regions) = TestMemory::shared();
+    let m = TestMemory::new();
     let (tap_fd, peer_fd) = dgram_fds();
-    let peer = peer(peer_fd);
-    h.mem_table(&fd, &regions);
+    let peer = Peer::new(peer_fd);
+    h.mem_table(&m);
     h.ok(&Request::AttachTap, &[tap_fd.as_fd()]);
-    let mut tx = TestRing::new(&m, 16);
+    let mut tx = m.ring(16);
     h.ok(
         &Request::StartRing(tx.config(RingKind::Tx)),
         &fd_refs(&tx.fds()),
@@ -391,18 +392,18 @@ fn memory_swap_keeps_rings_or_stops_the_ones_outside() {
     assert!(peer.recv_frame_within(Duration::from_secs(5)).is_some());
 
     // Same memory again: the ring keeps its position and keeps working.
-    h.mem_table(&fd, &regions);
+    h.mem_table(&m);
     tx.add_chain(&[desc(BUF_BASE, f.len() as u32, 0, 0)]);
     tx.kick();
     assert!(peer.recv_frame_within(Duration::from_secs(5)).is_some());
-    wait_for("two used entries", || tx.used(&m).len() == 2);
+    wait_for("two used entries", || tx.used().len() == 2);
 
     // Only the second region: the ring (in the first) is outside; stopped.
     h.refused(
         &Request::SetMemTable {
-            regions: vec![regions[1]],
+            regions: vec![m.memory_table()[1]],
         },
-        &[fd.as_fd()],
+        &m.fds()[1..],
         "outside",
     );
     assert_eq!(

@@ -1,0 +1,73 @@
+//! Delivering one frame: read it from the frame I/O straight into the taken
+//! guest buffers, write `num_buffers` into its header, and complete the
+//! chains it filled, all together.
+//!
+//! A frame longer than the buffers (the frame I/O reports its full length)
+//! or shorter than a virtio-net header is dropped and counted; the buffers
+//! stay taken for the next frame, so the guest loses nothing but that frame.
+
+use crate::features::NUM_BUFFERS_OFFSET;
+use crate::ring::RingFault;
+use qpnet_shared::Direction;
+
+use super::{Received, RxRun};
+
+impl RxRun<'_> {
+    /// Read one frame into the taken chains and complete the ones it used.
+    pub(super) fn receive_one(&mut self) -> Result<Received, RingFault> {
+        let from = self.bufs.pending_iovecs().start;
+        let n = match self.ctx.io.read_frame(&self.bufs.iov, from) {
+            Ok(n) => n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Received::Empty),
+            Err(e) => {
+                self.ctx.counters.drop_tap_error += 1;
+                self.log.dropped(format_args!("TAP read failed: {e}"));
+                return Ok(Received::Failed);
+            }
+        };
+        let header = u64::from(self.ctx.features.header_len);
+        let capacity = self.bufs.capacity();
+        if n > capacity {
+            // The buffers stay taken for the next frame.
+            self.ctx.counters.drop_too_large += 1;
+            self.log.dropped(format_args!(
+                "frame of {n} bytes cut: {capacity} bytes of guest buffers"
+            ));
+            return Ok(Received::Frame);
+        }
+        if n < header {
+            self.ctx.counters.drop_tap_error += 1;
+            self.log.dropped(format_args!("TAP gave a {n}-byte frame"));
+            return Ok(Received::Frame);
+        }
+        self.complete_frame(n)?;
+        Ok(Received::Frame)
+    }
+
+    /// Complete the chains a frame of `n` bytes (header included) filled,
+    /// writing `num_buffers` into its header first.
+    pub(super) fn complete_frame(&mut self, n: u64) -> Result<(), RingFault> {
+        let header = u64::from(self.ctx.features.header_len);
+        let (iov, frame) = (&self.bufs.iov, self.bufs.pending_iovecs());
+        self.ctx.flows.note(Direction::Rx, n - header, |head| {
+            iov.read_at(frame, header as usize, head)
+        });
+        let used = self.bufs.chains_for(n);
+        if self.ctx.features.has_num_buffers() {
+            // Chains shorter than the header were refused, so it fits.
+            self.bufs.iov.write_at(
+                self.bufs.first_chain_iovecs(),
+                NUM_BUFFERS_OFFSET,
+                &(used as u16).to_le_bytes(),
+            );
+        }
+        // All of the frame's chains become used together: the guest never
+        // sees a used index inside this frame (see ring.rs).
+        self.ring
+            .complete_frame(self.ctx.mem, self.bufs.frame_chains(used, n))?;
+        self.bufs.consume(used);
+        self.ctx.counters.rx_frames += 1;
+        self.ctx.counters.rx_bytes += n - header;
+        Ok(())
+    }
+}
