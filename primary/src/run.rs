@@ -15,7 +15,7 @@ use crate::cli::{self, RunArgs};
 use crate::device::{Device, DeviceConfig};
 use crate::runtime::{self, RuntimeDir};
 use crate::server::{self, Endpoint, Server};
-use crate::supervision::{Instance, Policy, ProcessLauncher, Supervisor};
+use crate::supervision::{Instance, Policy, ProcessLauncher, Supervisor, WorkerBinary};
 use crate::tap::{self, Tap};
 use crate::vhost_user::VhostUserDevice;
 
@@ -94,6 +94,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !args.connect {
         check_socket_path(&args.socket)?;
     }
+    // Resolved once: workers are exec'd by this path, so they are `qpnet`
+    // to the system like the primary.
+    let binary = WorkerBinary::resolve()?;
     let signals = server::block_signals()?;
     let tap = Tap::open(&args.tap, qp as usize)?;
     let shared = SharedRegion::create_with(
@@ -138,7 +141,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let supervisor = Supervisor::new(Instance {
         tap,
         shared,
-        launcher: Box::new(ProcessLauncher),
+        launcher: Box::new(ProcessLauncher::new(binary)),
         policy,
         flow_tracking: !args.no_flow_tracking,
     });

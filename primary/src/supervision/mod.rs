@@ -39,7 +39,7 @@ use crate::device::{DevResult, Device};
 use crate::tap::Tap;
 use link::Launch;
 pub use policy::Policy;
-pub use process::ProcessLauncher;
+pub use process::{ProcessLauncher, WorkerBinary};
 use queue_pair::QueuePair;
 
 /// What every queue pair's worker is started with: the instance's resources

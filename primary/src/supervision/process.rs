@@ -1,9 +1,14 @@
 //! Worker processes: the real [`WorkerLink`]. A worker is started with
 //! fork+exec of the primary's own binary, its control socket at fd 3.
 //!
-//! The worker is exec'd through `/proc/self/exe` (so it runs the
-//! primary's own code, whose control protocol it speaks), argv[0] `qpnet`,
-//! so `ps` shows `qpnet worker --queue-pair N`.
+//! The binary is resolved once, when the primary starts (`/proc/self/exe`
+//! read as a path), and exec'd by that path, so the kernel names the worker
+//! after it: its comm is `qpnet` like the primary's, and `pgrep -x qpnet`
+//! lists the primary and every worker. argv[0] is `qpnet`, so `ps` shows
+//! `qpnet worker --queue-pair N`. Should the file at that path stop being
+//! the binary the primary runs (replaced or deleted by an upgrade), workers
+//! are exec'd through `/proc/self/exe` instead: a worker always runs the
+//! primary's own code, whose control protocol it speaks.
 //!
 //! Between fork and exec nothing allocates: std's `Command` prepares the
 //! program, arguments and environment in the parent, and after fork makes
@@ -22,10 +27,14 @@
 //! outlives its handle.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::{Context, Result};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::{dup2_raw, getppid, Pid};
@@ -39,8 +48,53 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// What always names the running binary, even once its file is gone.
 const SELF_EXE: &str = "/proc/self/exe";
 
+/// The primary's binary, resolved once at start.
+pub struct WorkerBinary {
+    path: PathBuf,
+    /// (device, inode) of the running binary.
+    id: (u64, u64),
+    warned: AtomicBool,
+}
+
+impl WorkerBinary {
+    /// Resolve `/proc/self/exe` to the path of the running binary.
+    pub fn resolve() -> Result<WorkerBinary> {
+        let path = std::fs::read_link(SELF_EXE).context("reading /proc/self/exe")?;
+        let meta = std::fs::metadata(SELF_EXE).context("stat of /proc/self/exe")?;
+        Ok(WorkerBinary {
+            path,
+            id: (meta.dev(), meta.ino()),
+            warned: AtomicBool::new(false),
+        })
+    }
+
+    /// The path to exec: the resolved one while it still is this binary.
+    fn program(&self) -> &Path {
+        let same = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if same {
+            return &self.path;
+        }
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "{} is no longer the running binary: workers are started through {SELF_EXE}",
+                self.path.display()
+            );
+        }
+        Path::new(SELF_EXE)
+    }
+}
+
 /// Starts worker processes.
-pub struct ProcessLauncher;
+pub struct ProcessLauncher {
+    binary: WorkerBinary,
+}
+
+impl ProcessLauncher {
+    /// A launcher exec'ing `binary`.
+    pub fn new(binary: WorkerBinary) -> ProcessLauncher {
+        ProcessLauncher { binary }
+    }
+}
 
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags, touches no memory of ours,
@@ -78,7 +132,7 @@ impl Launch for ProcessLauncher {
         let theirs = OwnedFd::from(theirs);
         let control = theirs.as_raw_fd();
         let primary = Pid::this();
-        let mut cmd = Command::new(SELF_EXE);
+        let mut cmd = Command::new(self.binary.program());
         cmd.arg0("qpnet")
             .arg("worker")
             .arg("--queue-pair")
