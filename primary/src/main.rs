@@ -1,19 +1,20 @@
 //! The `qpnet` binary: one executable for the primary (`run`), its workers
-//! (`worker`, started by the primary with fork+exec of this same file) and
-//! the `stats` reader.
+//! (`worker`, started by the primary with fork+exec of this same file), the
+//! `stats` reader and `retry`.
 
+mod backend;
 mod cli;
 mod device;
 mod features;
 mod logging;
+mod memory_table;
 mod run;
 mod runtime;
 mod server;
 mod stats;
-mod supervisor;
+mod supervision;
 mod tap;
 mod vhost_user;
-mod workers;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 

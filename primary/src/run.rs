@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use qpnet_shared::SharedRegion;
 
+use crate::backend::Backend;
 use crate::cli::{self, RunArgs};
 use crate::device::{Device, DeviceConfig};
 use crate::runtime::{self, RuntimeDir};
 use crate::server::{self, Endpoint, Server};
-use crate::supervisor::Policy;
+use crate::supervision::{Instance, Policy, ProcessLauncher, Supervisor, WorkerBinary};
 use crate::tap::{self, Tap};
 use crate::vhost_user::VhostUserDevice;
 
@@ -93,6 +94,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !args.connect {
         check_socket_path(&args.socket)?;
     }
+    // Resolved once: workers are exec'd by this path, so they are `qpnet`
+    // to the system like the primary.
+    let binary = WorkerBinary::resolve()?;
     let signals = server::block_signals()?;
     let tap = Tap::open(&args.tap, qp as usize)?;
     let shared = SharedRegion::create_with(
@@ -124,21 +128,30 @@ pub fn run(args: RunArgs) -> Result<()> {
         args.socket.display(),
         rundir.path().display()
     );
-    let config = DeviceConfig {
+    let device = Device::new(DeviceConfig {
         queue_pairs: qp,
         mac: args.mac.unwrap_or_else(|| cli::mac_from_name(&args.name)),
-        flow_tracking: !args.no_flow_tracking,
-    };
+    });
     let policy = Policy {
         watchdog: (args.watchdog_ms > 0)
             .then(|| std::time::Duration::from_millis(args.watchdog_ms)),
         crash_limit: args.crash_limit,
         crash_window: std::time::Duration::from_secs(args.crash_window_secs.max(1)),
     };
-    let device = Device::new(config, tap, shared, policy);
+    let supervisor = Supervisor::new(Instance {
+        tap,
+        shared,
+        launcher: Box::new(ProcessLauncher::new(binary)),
+        policy,
+        flow_tracking: !args.no_flow_tracking,
+    });
+    let mut backend = Backend::new(device, supervisor);
+    // Every queue pair's first worker, before any VMM is served.
+    let (sup, dev) = backend.supervision();
+    sup.supervise(dev);
     eprintln!("{}", qemu_hint(&args, qp));
     let dev = Arc::new(Mutex::new(VhostUserDevice {
-        device,
+        backend,
         reply_lost: false,
     }));
     let mut server = Server::new(endpoint, dev.clone(), signals);
@@ -146,7 +159,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     log::info!("shutting down ({exit:?})");
     dev.lock()
         .unwrap_or_else(|p| p.into_inner())
-        .device
+        .backend
+        .supervision()
+        .0
         .shutdown();
     if server.owns_socket() {
         let _ = std::fs::remove_file(server.socket_path());

@@ -3,10 +3,13 @@
 //!
 //! While a VMM is connected the loop waits on the VMM socket, the signalfd
 //! and every worker's pidfd; between VMMs, on the listening socket (or a
-//! reconnect timer with `--connect`) instead of the VMM socket. A worker's
-//! pidfd firing means it died: the device replaces it at once.
+//! reconnect timer with `--connect`) instead of the VMM socket. These are
+//! the events supervision hears of (`supervision/mod.rs`): a worker's pidfd
+//! firing means it died; SIGUSR1 is `qpnet retry`; after every wake-up and
+//! every VMM request the supervisor acts on deaths (including one a VMM
+//! request met), due restarts and the watchdog.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -14,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
@@ -48,6 +52,11 @@ enum Wake {
 /// The primary's event loop.
 pub struct Server {
     endpoint: Endpoint,
+    events: Events,
+}
+
+/// What the loop waits on besides the VMM: signals and workers.
+struct Events {
     dev: Arc<Mutex<VhostUserDevice>>,
     signals: SignalFd,
 }
@@ -74,13 +83,75 @@ fn lock(dev: &Arc<Mutex<VhostUserDevice>>) -> std::sync::MutexGuard<'_, VhostUse
     dev.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Events {
+    /// Wait on `fd` (if any), the signalfd and the worker pidfds; handle
+    /// signals and dead workers; report whether `fd` became ready.
+    fn wait(&mut self, fd: Option<BorrowedFd<'_>>, timeout: Option<Duration>) -> Result<Wake> {
+        let mut d = lock(&self.dev);
+        let deadline = d.backend.supervisor().next_supervision();
+        let until_deadline =
+            deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        let wait_for = match (timeout, until_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = wait_for
+            .map(|t| PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX))
+            .unwrap_or(PollTimeout::NONE);
+        let (signalled, ready, exited) = {
+            let pidfds = d.backend.supervisor().worker_pidfds();
+            let mut pfds: Vec<PollFd<'_>> = Vec::with_capacity(pidfds.len() + 2);
+            pfds.push(PollFd::new(self.signals.as_fd(), PollFlags::POLLIN));
+            pfds.extend(fd.map(|f| PollFd::new(f, PollFlags::POLLIN)));
+            let first_pidfd = pfds.len();
+            pfds.extend(
+                pidfds
+                    .iter()
+                    .map(|&(_, f)| PollFd::new(f, PollFlags::POLLIN)),
+            );
+            match poll(&mut pfds, timeout) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => return Ok(Wake::Timeout),
+                Err(e) => return Err(e).context("poll"),
+            }
+            let fired = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
+            let exited: Vec<usize> = pidfds
+                .iter()
+                .zip(&pfds[first_pidfd..])
+                .filter(|(_, p)| fired(p))
+                .map(|(&(qp, _), _)| qp)
+                .collect();
+            (fired(&pfds[0]), fd.is_some() && fired(&pfds[1]), exited)
+        };
+        let (sup, dev) = d.backend.supervision();
+        if signalled {
+            if let Ok(Some(info)) = self.signals.read_signal() {
+                let sig = Signal::try_from(info.ssi_signo as i32).unwrap_or(Signal::SIGTERM);
+                if sig == Signal::SIGUSR1 {
+                    log::info!("SIGUSR1: retrying failed queue pairs");
+                    sup.retry_failed();
+                } else {
+                    return Ok(Wake::Signal(sig));
+                }
+            }
+        }
+        for qp in exited {
+            sup.worker_exited(qp);
+        }
+        sup.supervise(dev);
+        if ready {
+            return Ok(Wake::Ready);
+        }
+        Ok(Wake::Timeout)
+    }
+}
+
 impl Server {
     /// A server for `dev` on `endpoint`.
     pub fn new(endpoint: Endpoint, dev: Arc<Mutex<VhostUserDevice>>, signals: SignalFd) -> Server {
         Server {
             endpoint,
-            dev,
-            signals,
+            events: Events { dev, signals },
         }
     }
 
@@ -93,14 +164,16 @@ impl Server {
             };
             let exit = self.serve_vmm(stream);
             {
-                let mut d = lock(&self.dev);
-                d.device.reset();
+                let mut d = lock(&self.events.dev);
+                d.backend.reset();
                 d.reply_lost = false;
-                d.device
-                    .shared()
+                let (sup, dev) = d.backend.supervision();
+                sup.shared()
                     .header()
                     .vmm_connected
                     .store(0, Ordering::Relaxed);
+                // Failed queue pairs get their retry now.
+                sup.supervise(dev);
             }
             if let Some(exit) = exit? {
                 return Ok(exit);
@@ -109,82 +182,18 @@ impl Server {
         }
     }
 
-    /// Wait on `fd` (if any), the signalfd and the worker pidfds; handle
-    /// signals and dead workers; report whether `fd` became ready.
-    fn wait(&mut self, fd: Option<RawFd>, timeout: Option<Duration>) -> Result<Wake> {
-        let pidfds: Vec<(usize, RawFd)> = lock(&self.dev)
-            .device
-            .worker_pidfds()
-            .into_iter()
-            .map(|(qp, f)| (qp, f.as_raw_fd()))
-            .collect();
-        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(pidfds.len() + 2);
-        let ev = |fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        pfds.push(ev(self.signals.as_raw_fd()));
-        pfds.push(ev(fd.unwrap_or(-1)));
-        pfds.extend(pidfds.iter().map(|&(_, f)| ev(f)));
-        let deadline = lock(&self.dev).device.next_supervision();
-        let until_deadline =
-            deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-        let wait_for = match (timeout, until_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let ms = wait_for
-            .map(|t| t.as_millis().min(i32::MAX as u128) as libc::c_int)
-            .unwrap_or(-1);
-        // SAFETY: pfds is a valid array of pollfd for its whole length.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(Wake::Timeout);
-            }
-            return Err(e).context("poll");
-        }
-        if pfds[0].revents != 0 {
-            if let Ok(Some(info)) = self.signals.read_signal() {
-                let sig = Signal::try_from(info.ssi_signo as i32).unwrap_or(Signal::SIGTERM);
-                if sig == Signal::SIGUSR1 {
-                    log::info!("SIGUSR1: retrying failed queue pairs");
-                    lock(&self.dev).device.retry_failed();
-                } else {
-                    return Ok(Wake::Signal(sig));
-                }
-            }
-        }
-        for (k, &(qp, _)) in pidfds.iter().enumerate() {
-            if pfds[k + 2].revents != 0 {
-                lock(&self.dev).device.worker_exited(qp);
-            }
-        }
-        lock(&self.dev).device.supervise();
-        if fd.is_some() && pfds[1].revents != 0 {
-            return Ok(Wake::Ready);
-        }
-        Ok(Wake::Timeout)
-    }
-
     /// Wait for the next VMM connection (or a signal).
     fn next_vmm(&mut self) -> Result<std::result::Result<UnixStream, Exit>> {
         let mut announced = false;
         loop {
             match &self.endpoint {
-                Endpoint::Listen(l, _) => {
-                    let fd = l.as_raw_fd();
-                    match self.wait(Some(fd), None)? {
+                Endpoint::Listen(listener, _) => {
+                    match self.events.wait(Some(listener.as_fd()), None)? {
                         Wake::Signal(s) => return Ok(Err(Exit::Signal(s))),
                         Wake::Timeout => continue,
                         Wake::Ready => {}
                     }
-                    let Endpoint::Listen(l, _) = &self.endpoint else {
-                        unreachable!()
-                    };
-                    match l.accept() {
+                    match listener.accept() {
                         Ok((s, _)) => {
                             log::info!("VMM connected");
                             self.connected();
@@ -206,7 +215,9 @@ impl Server {
                         }
                         Err(_) => {}
                     }
-                    if let Wake::Signal(s) = self.wait(None, Some(Duration::from_millis(100)))? {
+                    if let Wake::Signal(s) =
+                        self.events.wait(None, Some(Duration::from_millis(100)))?
+                    {
                         return Ok(Err(Exit::Signal(s)));
                     }
                 }
@@ -215,8 +226,8 @@ impl Server {
     }
 
     fn connected(&self) {
-        let d = lock(&self.dev);
-        let h = d.device.shared().header();
+        let d = lock(&self.events.dev);
+        let h = d.backend.supervisor().shared().header();
         h.vmm_connected.store(1, Ordering::Relaxed);
         h.vmm_connections.fetch_add(1, Ordering::Relaxed);
     }
@@ -232,17 +243,26 @@ impl Server {
             .set_read_timeout(Some(VMM_IO_TIMEOUT))
             .and_then(|()| stream.set_write_timeout(Some(VMM_IO_TIMEOUT)))
             .context("setting timeouts on the VMM socket")?;
-        let fd = stream.as_raw_fd();
-        let mut handler = BackendReqHandler::from_stream(stream, self.dev.clone());
+        // A second fd of the same socket, to poll and peek on while the
+        // vhost crate owns the stream; both are closed when this returns.
+        let poll_fd = OwnedFd::from(stream.try_clone().context("duplicating the VMM socket")?);
+        let mut handler = BackendReqHandler::from_stream(stream, self.events.dev.clone());
         loop {
-            match self.wait(Some(fd), None)? {
+            match self.events.wait(Some(poll_fd.as_fd()), None)? {
                 Wake::Signal(s) => return Ok(Some(Exit::Signal(s))),
                 Wake::Timeout => continue,
                 Wake::Ready => {}
             }
-            lock(&self.dev).apply_early_vring_enable(fd);
+            lock(&self.events.dev).apply_early_vring_enable(poll_fd.as_fd());
             let result = handler.handle_request();
-            let reply_lost = std::mem::take(&mut lock(&self.dev).reply_lost);
+            let reply_lost = {
+                let mut d = lock(&self.events.dev);
+                // A worker that died during the request is replaced now,
+                // once the VMM has its answer.
+                let (sup, dev) = d.backend.supervision();
+                sup.supervise(dev);
+                std::mem::take(&mut d.reply_lost)
+            };
             match result {
                 Ok(()) => {}
                 Err(VhostError::ReqHandlerError(_)) | Err(VhostError::InvalidOperation(_)) => {

@@ -125,6 +125,17 @@ impl Tap {
         Ok(tap)
     }
 
+    /// A TAP that is nothing but its queue fds, for tests of what workers
+    /// are handed (its settings fail: `name` names no interface).
+    #[cfg(test)]
+    pub fn from_queues(name: &str, queues: Vec<OwnedFd>) -> Tap {
+        Tap {
+            name: name.to_string(),
+            queues,
+            created: false,
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

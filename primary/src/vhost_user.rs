@@ -1,6 +1,7 @@
 //! The vhost-user protocol: the vhost crate's backend handler trait mapped
-//! onto the [`Device`] state machine. Every refusal is logged here with the
-//! request it answers; with REPLY_ACK the VMM gets a failure code.
+//! onto the [`Backend`] (the device state and its queue pairs). Every
+//! refusal is logged here with the request it answers; with REPLY_ACK the
+//! VMM gets a failure code.
 //!
 //! Requests whose answer is a reply (GET_*) cannot carry a failure code: the
 //! vhost crate sends nothing when the handler fails. Those set
@@ -8,7 +9,9 @@
 //! connection rather than leave the VMM waiting for an answer.
 
 use std::fs::File;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use nix::sys::socket::{recv, MsgFlags};
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -21,34 +24,32 @@ use vhost::vhost_user::{
 };
 use vhost::VhostUserMemoryRegionBase;
 
-use crate::device::{DevResult, Device};
+use crate::backend::Backend;
+use crate::device::DevResult;
 use crate::features;
 
 /// The device as seen by the vhost-user connection.
 pub struct VhostUserDevice {
-    /// The device state machine.
-    pub device: Device,
+    /// The device and its queue pairs.
+    pub backend: Backend,
     /// Set when a request that needs a reply failed (no reply was sent).
     pub reply_lost: bool,
 }
 
 /// If the next message on `fd` is a well-formed SET_VRING_ENABLE, its ring
 /// index and state, without taking it off the socket.
-fn peek_vring_enable(fd: RawFd) -> Option<(u32, bool)> {
+fn peek_vring_enable(fd: BorrowedFd<'_>) -> Option<(u32, bool)> {
     const SET_VRING_ENABLE: u32 = 18;
     // Header (request, flags, size) and body (index, num), little-endian.
     let mut msg = [0u8; 20];
-    // SAFETY: recv writes at most msg.len() bytes into msg, which we own;
     // MSG_PEEK leaves the message in the socket for the vhost crate.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            msg.as_mut_ptr().cast(),
-            msg.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n != msg.len() as isize {
+    let n = recv(
+        fd.as_raw_fd(),
+        &mut msg,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    )
+    .ok()?;
+    if n != msg.len() {
         return None;
     }
     let word = |i: usize| u32::from_le_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);
@@ -78,15 +79,15 @@ impl VhostUserDevice {
     /// disabled forever. Before each request, peek at it: if it is such an
     /// early SET_VRING_ENABLE, apply it to the device here (the crate then
     /// refuses it as before; QEMU asks for no reply to it).
-    pub fn apply_early_vring_enable(&mut self, fd: RawFd) {
-        if self.device.protocol_features_acked() {
+    pub fn apply_early_vring_enable(&mut self, fd: BorrowedFd<'_>) {
+        if self.backend.protocol_features_acked() {
             return;
         }
         let Some((index, enable)) = peek_vring_enable(fd) else {
             return;
         };
         log::debug!("vring {index}: SET_VRING_ENABLE({enable}) before SET_FEATURES: applied");
-        if let Err(e) = self.device.set_vring_enable(index, enable) {
+        if let Err(e) = self.backend.set_vring_enable(index, enable) {
             log::warn!("refused early SET_VRING_ENABLE: {e}");
         }
     }
@@ -105,12 +106,12 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     }
 
     fn reset_owner(&mut self) -> VhostResult<()> {
-        self.device.reset();
+        self.backend.reset();
         Ok(())
     }
 
     fn reset_device(&mut self) -> VhostResult<()> {
-        self.device.reset();
+        self.backend.reset();
         Ok(())
     }
 
@@ -120,7 +121,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
 
     fn set_features(&mut self, f: u64) -> VhostResult<()> {
         log::info!("driver features {f:#x}");
-        answer("SET_FEATURES", self.device.set_features(f))
+        answer("SET_FEATURES", self.backend.set_features(f))
     }
 
     fn set_mem_table(
@@ -129,11 +130,11 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
-        answer("SET_MEM_TABLE", self.device.set_mem_table(ctx, files)).map(|_| None)
+        answer("SET_MEM_TABLE", self.backend.set_mem_table(ctx, files)).map(|_| None)
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
-        answer("SET_VRING_NUM", self.device.set_vring_num(index, num))
+        answer("SET_VRING_NUM", self.backend.set_vring_num(index, num))
     }
 
     fn set_vring_addr(
@@ -147,31 +148,31 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     ) -> VhostResult<()> {
         answer(
             "SET_VRING_ADDR",
-            self.device
+            self.backend
                 .set_vring_addr(index, descriptor, used, available),
         )
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
-        answer("SET_VRING_BASE", self.device.set_vring_base(index, base))
+        answer("SET_VRING_BASE", self.backend.set_vring_base(index, base))
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
-        let r = self.device.get_vring_base(index);
+        let r = self.backend.get_vring_base(index);
         let base = self.answer_reply("GET_VRING_BASE", r)?;
         Ok(VhostUserVringState::new(index, base as u32))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
-        answer("SET_VRING_KICK", self.device.set_vring_kick(index, fd))
+        answer("SET_VRING_KICK", self.backend.set_vring_kick(index, fd))
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
-        answer("SET_VRING_CALL", self.device.set_vring_call(index, fd))
+        answer("SET_VRING_CALL", self.backend.set_vring_call(index, fd))
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
-        answer("SET_VRING_ERR", self.device.set_vring_err(index, fd))
+        answer("SET_VRING_ERR", self.backend.set_vring_err(index, fd))
     }
 
     fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
@@ -181,18 +182,18 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     fn set_protocol_features(&mut self, f: u64) -> VhostResult<()> {
         answer(
             "SET_PROTOCOL_FEATURES",
-            self.device.set_protocol_features(f),
+            self.backend.set_protocol_features(f),
         )
     }
 
     fn get_queue_num(&mut self) -> VhostResult<u64> {
-        Ok(self.device.queue_pairs() as u64)
+        Ok(self.backend.queue_pairs() as u64)
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
         answer(
             "SET_VRING_ENABLE",
-            self.device.set_vring_enable(index, enable),
+            self.backend.set_vring_enable(index, enable),
         )
     }
 
@@ -204,7 +205,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     ) -> VhostResult<Vec<u8>> {
         // The vhost crate answers a failed GET_CONFIG with an empty payload,
         // which the VMM understands as an error.
-        answer("GET_CONFIG", self.device.get_config(offset, size))
+        answer("GET_CONFIG", self.backend.get_config(offset, size))
     }
 
     fn set_config(&mut self, _o: u32, _b: &[u8], _f: VhostUserConfigFlags) -> VhostResult<()> {

@@ -1,5 +1,7 @@
-//! Worker supervision policy: what to do when a queue pair's worker dies,
-//! and when a live worker counts as wedged.
+//! The supervision policy: what to do when a queue pair's worker dies, and
+//! when a live worker counts as wedged. Plain bookkeeping with the clock
+//! passed in, so the policy is tested without processes; the queue pair
+//! (`queue_pair.rs`) acts on its decisions.
 //!
 //! Theory of operation:
 //! - A worker that dies is replaced at once, unless it is crash-looping:
@@ -17,9 +19,6 @@
 //!   pair has work (TX chains waiting, or TAP frames waiting with RX buffers
 //!   posted), it is wedged: the primary kills it and it is replaced like a
 //!   crashed one.
-//!
-//! Everything here is plain bookkeeping with the clock passed in, so the
-//! policy is tested without processes.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -56,21 +55,16 @@ pub enum Decision {
 
 /// The crash history of one queue pair.
 #[derive(Debug, Default)]
-pub struct QueuePairHealth {
+pub struct CrashHistory {
     deaths: VecDeque<Instant>,
     quick_crashes: u32,
     started_at: Option<Instant>,
-    /// When a back-off restart is due.
-    pub respawn_at: Option<Instant>,
-    /// Marked failed by the crash-loop guard.
-    pub failed: bool,
 }
 
-impl QueuePairHealth {
+impl CrashHistory {
     /// A worker was started (or failed to start) at `now`.
     pub fn started(&mut self, now: Instant) {
         self.started_at = Some(now);
-        self.respawn_at = None;
     }
 
     /// The worker died at `now`: record it and decide.
@@ -94,8 +88,6 @@ impl QueuePairHealth {
             }
         }
         if policy.crash_limit > 0 && self.deaths.len() > policy.crash_limit as usize {
-            self.failed = true;
-            self.respawn_at = None;
             return Decision::Fail;
         }
         if self.quick_crashes <= QUICK_CRASHES_BEFORE_BACKOFF {
@@ -103,14 +95,12 @@ impl QueuePairHealth {
         }
         let exp = (self.quick_crashes - QUICK_CRASHES_BEFORE_BACKOFF - 1).min(16);
         let delay = BACKOFF_START.saturating_mul(1 << exp).min(BACKOFF_MAX);
-        let at = now + delay;
-        self.respawn_at = Some(at);
-        Decision::RespawnAt(at)
+        Decision::RespawnAt(now + delay)
     }
 
     /// Forget the history (operator retry, new VMM).
     pub fn clear(&mut self) {
-        *self = QueuePairHealth::default();
+        *self = CrashHistory::default();
     }
 
     /// Deaths within the current window.
@@ -148,7 +138,7 @@ mod tests {
     #[test]
     fn long_lived_workers_restart_at_once() {
         let p = policy(5);
-        let mut h = QueuePairHealth::default();
+        let mut h = CrashHistory::default();
         let t0 = Instant::now();
         h.started(t0);
         assert_eq!(
@@ -165,7 +155,7 @@ mod tests {
     #[test]
     fn quick_crashes_back_off_then_fail() {
         let p = policy(5);
-        let mut h = QueuePairHealth::default();
+        let mut h = CrashHistory::default();
         let mut now = Instant::now();
         let mut deaths = vec![];
         for _ in 0..6 {
@@ -180,16 +170,19 @@ mod tests {
         assert_eq!(deaths[3].1, Decision::RespawnAt(deaths[3].0 + ms(10)));
         assert_eq!(deaths[4].1, Decision::RespawnAt(deaths[4].0 + ms(20)));
         assert_eq!(deaths[5].1, Decision::Fail, "6 deaths > limit 5");
-        assert!(h.failed);
+        assert_eq!(h.recent_deaths(), 6);
         h.clear();
-        assert!(!h.failed);
         assert_eq!(h.recent_deaths(), 0);
+        // Cleared: the next quick crash is a first one again.
+        h.started(now);
+        now += Duration::from_millis(5);
+        assert_eq!(h.died(now, &p), Decision::RespawnNow);
     }
 
     #[test]
     fn old_deaths_leave_the_window() {
         let p = policy(2);
-        let mut h = QueuePairHealth::default();
+        let mut h = CrashHistory::default();
         let t0 = Instant::now();
         for k in 0..10u64 {
             h.started(t0 + Duration::from_secs(11 * k));
@@ -201,7 +194,7 @@ mod tests {
     #[test]
     fn limit_zero_never_fails() {
         let p = policy(0);
-        let mut h = QueuePairHealth::default();
+        let mut h = CrashHistory::default();
         let mut now = Instant::now();
         for _ in 0..100 {
             h.started(now);
