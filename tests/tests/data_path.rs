@@ -84,8 +84,8 @@ fn rx_without_mergeable_buffers_uses_one_buffer_per_frame() -> Result<()> {
 }
 
 /// Four queue pairs: every TX queue delivers, RX spreads over the queues,
-/// each queue pair has its own worker process, and the primary stays idle
-/// while the workers forward.
+/// each queue pair has its own worker process (named `qpnet`, so `pgrep -x
+/// qpnet` finds them), and the primary stays idle while the workers forward.
 #[test]
 fn four_queue_pairs_each_have_a_worker_and_the_primary_stays_idle() -> Result<()> {
     let mut bed = Testbed::new(4)?;
@@ -123,6 +123,23 @@ fn four_queue_pairs_each_have_a_worker_and_the_primary_stays_idle() -> Result<()
         );
     }
 
+    // Workers are `qpnet` to the system too (their comm, not `exe`):
+    // `pgrep -x qpnet` lists this instance's primary and all four workers.
+    let out = std::process::Command::new("pgrep")
+        .args(["-x", "qpnet"])
+        .output()
+        .context("running pgrep (procps)")?;
+    let listed: BTreeSet<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    for pid in workers.iter().chain([&primary]) {
+        ensure!(
+            listed.contains(pid),
+            "pgrep -x qpnet lists {listed:?}, not qpnet process {pid} (primary {primary}, \
+             workers {workers:?})"
+        );
+    }
     let primary_before = cpu_time(primary)?;
     let workers_before: Vec<Duration> = workers
         .iter()
