@@ -139,10 +139,19 @@ impl Supervisor {
     fn checked_stop(&mut self) -> Result<ExitStatus> {
         let mut problems = Vec::new();
         let primary = self.serving_primary();
-        let workers = primary
+        // The primary's children are its workers and, under this script,
+        // the subshell that logs its output (bash forks the process
+        // substitution `>(emit)` before it execs qpnet): workers only.
+        let workers: Vec<ProcHandle> = primary
             .as_ref()
             .map(ProcHandle::children)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|w| w.cmdline().is_some_and(|c| c.contains(" worker ")))
+            .collect();
+        if primary.is_some() && workers.is_empty() {
+            problems.push("the primary had no workers when it was stopped".to_string());
+        }
         if primary.is_none() {
             problems.push("no primary was serving when it was stopped".to_string());
         }
