@@ -27,8 +27,9 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
+use crate::binary::qpnet_binary;
+pub use crate::binary::workspace_dir;
 use crate::netns::NetNs;
-use crate::qpnet::qpnet_binary;
 use crate::wait::poll_until;
 
 /// The host side of the test link (on the TAP), with and without its prefix.
@@ -41,14 +42,6 @@ pub const SERIAL_POLL: Duration = Duration::from_millis(20);
 /// How long run-guest.sh (with its QEMU) and iperf3 get to end after
 /// SIGTERM before their process group is SIGKILLed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-
-/// `<workspace>` (the tests crate's parent directory).
-pub fn workspace_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
 
 /// A file's text, `\r` removed ("" if it cannot be read).
 pub fn read_lossy(path: &Path) -> String {
@@ -249,8 +242,15 @@ impl Spawned {
         })
     }
 
+    /// The leader's pid (also its process group).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Send `sig` to the leader (not yet reaped, so its pid is its own).
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), sig)
+            .with_context(|| format!("{sig} to {}", self.what))
     }
 
     /// The exit status if the process has ended.
@@ -507,4 +507,52 @@ pub fn hold_of(line: &str) -> Option<HoldLine> {
         _ => return None,
     };
     Some(HoldLine { seq, ok })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_result_lines_are_read() {
+        let r =
+            ResultLine::parse("QPNET-RESULT iperf-tx ok gbps=0.932 bytes=585760768 retransmits=0")
+                .unwrap();
+        assert!(r.ok());
+        assert_eq!(r.step, "iperf-tx");
+        assert_eq!(r.number("bytes").unwrap(), 585760768);
+        assert!(r.number("gbps").is_err());
+        let f = ResultLine::parse("QPNET-RESULT ping fail reason=no-reply waited_s=60").unwrap();
+        assert!(!f.ok());
+        assert!(ResultLine::parse("[ 3.1] virtio_net").is_none());
+    }
+
+    #[test]
+    fn serial_lines_are_read() {
+        let r =
+            ResultLine::parse("QPNET-RESULT iperf-tx ok gbps=0.932 bytes=585760768 retransmits=3")
+                .unwrap();
+        assert!(r.ok() && !r.failed());
+        assert_eq!(r.step, "iperf-tx");
+        assert_eq!(r.number("bytes").unwrap(), 585760768);
+        assert!((r.float("gbps").unwrap() - 0.932).abs() < 1e-9);
+        assert_eq!(r.field("retransmits"), Some("3"));
+        let f = ResultLine::parse("[ 9.1] x QPNET-RESULT iperf-tx fail reason=\"reset\"").unwrap();
+        assert!(f.failed() && !f.ok());
+        let h = ResultLine::parse("QPNET-RESULT hold started peer=10.77.0.1").unwrap();
+        assert!(!h.ok() && !h.failed());
+        assert!(result_of("QPNET-RESULT ping ok", "iperf-tx").is_none());
+        assert!(ok_result("QPNET-RESULT iperf-tx fail reason=x", "iperf-tx").is_err());
+
+        assert_eq!(
+            hold_of("QPNET-HOLD seq=12 ok rtt_ms=0.812 t=33.10"),
+            Some(HoldLine { seq: 12, ok: true })
+        );
+        assert_eq!(
+            hold_of("QPNET-HOLD seq=13 lost t=35.10"),
+            Some(HoldLine { seq: 13, ok: false })
+        );
+        assert_eq!(hold_of("QPNET-HOLD seq=x ok"), None);
+        assert_eq!(hold_of("QPNET-RESULT hold started peer=10.77.0.1"), None);
+    }
 }

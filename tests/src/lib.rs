@@ -1,28 +1,45 @@
-//! Real-part test helpers for qpnet's integration tests.
+//! The qpnet integration tests' kit: real parts only.
 //!
-//! Everything here drives real kernel objects and real processes: network
-//! namespaces and multi-queue TAPs the tests create ([`netns`]), an AF_PACKET
-//! socket on the TAP to see what qpnet writes and to inject what it should read
-//! ([`tap_io`]), the qpnet binary itself ([`qpnet`]), and a test VMM that speaks
-//! vhost-user through the vhost crate's frontend with guest memory in memfds
-//! and a small split-virtqueue virtio-net driver ([`vmm`], [`memory`],
-//! [`virtq`], [`net_driver`]). Hostile input that the frontend refuses to
-//! produce goes through [`raw_vhost`]. [`frames`] builds and checks test frames
-//! byte for byte; [`traffic`] moves many of them with flow control and reports
-//! what was lost, duplicated or corrupted. [`testbed`] bundles a namespace, a
-//! TAP, its socket and a qpnet instance for one test. [`guest`] boots a real
-//! Linux guest under QEMU for the guest tests; [`json`] reads `qpnet stats
-//! --json`.
+//! Everything here drives real kernel objects and real processes:
+//! - the binary under test ([`binary`]: `$QPNET_BIN`, checked fresh) and a
+//!   running instance ([`qpnet`]: started with a clean fd table, stopped
+//!   with a check that the shutdown was clean), or one under the
+//!   supervisor script ([`supervise`]);
+//! - network namespaces and multi-queue TAPs the tests create ([`netns`]),
+//!   an AF_PACKET socket on the TAP to see what qpnet writes and to inject
+//!   what it should read ([`tap_io`]);
+//! - a test VMM that speaks vhost-user through the vhost crate's frontend,
+//!   with guest memory in memfds and a small split-virtqueue virtio-net
+//!   driver ([`vmm`], [`memory`], [`virtq`], [`net_driver`]); hostile input
+//!   the frontend refuses to produce goes through [`raw_vhost`], and the
+//!   hostile-input tests share [`hostile`];
+//! - test frames checked byte for byte ([`frames`]) and moved in bulk with
+//!   every one accounted for ([`traffic`]: the TX round every test uses);
+//!   [`testbed`] bundles a namespace, a TAP, its socket and a qpnet instance
+//!   for one test;
+//! - processes read from `/proc` safely against pid reuse ([`proc`]), the
+//!   one typed reader of `qpnet stats --json` ([`stats_json`]), a checker of
+//!   the Prometheus exposition format ([`prometheus`]);
+//! - timed load and its analysis for the crash tests ([`crash`]), a real
+//!   Linux guest under QEMU for the guest tests ([`guest`]), and the lock
+//!   that runs timing-sensitive tests one at a time ([`serial`]);
+//! - [`wait`]: polling with a deadline instead of sleeping.
 
-pub mod crash_traffic;
+pub mod binary;
+pub mod crash;
 pub mod frames;
 pub mod guest;
-pub mod json;
+pub mod hostile;
 pub mod memory;
 pub mod net_driver;
 pub mod netns;
+pub mod proc;
+pub mod prometheus;
 pub mod qpnet;
 pub mod raw_vhost;
+pub mod serial;
+pub mod stats_json;
+pub mod supervise;
 pub mod tap_io;
 pub mod testbed;
 pub mod traffic;

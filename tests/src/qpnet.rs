@@ -1,140 +1,229 @@
-//! The qpnet binary under test: finding it, running it, watching it.
+//! A running `qpnet run` under test: starting it, watching it, and stopping
+//! it the way the README says it stops.
 //!
-//! [`Qpnet::start`] runs `qpnet run --socket S --tap T --queue-pairs N --name
-//! UNIQUE` inside the test's namespace (`ip netns exec`, which execs qpnet in
-//! place, so the child pid is qpnet's), waits (bounded) for its socket, and
-//! keeps its stderr in a file so failures can quote it. On drop it stops the
-//! primary (SIGTERM, then SIGKILL), reaps it, kills any worker left behind and
-//! removes its runtime directory.
+//! [`Qpnet::start`] runs `qpnet run --socket S --tap T --queue-pairs N
+//! --name UNIQUE` inside the test's namespace (`ip netns exec`, which execs
+//! qpnet in place, so the child pid is qpnet's) with a clean descriptor
+//! table (0, 1 and 2 only, as a service manager starts a daemon), waits
+//! (bounded) until it is up, and keeps its stderr in a file so failures can
+//! quote it. [`Options`] adds arguments, environment variables, `--connect`
+//! to a socket the test listens on, or a deliberately inherited fd.
 //!
-//! Workers are the primary's children; [`Qpnet::worker_pids`] lists them from
-//! /proc. [`cpu_time`] reads a process's CPU time (all its threads'
-//! `schedstat` run time, nanosecond precision; falls back to `stat`
-//! utime+stime).
+//! Stopping is a check, not a clean-up: [`Qpnet::stop`] (SIGTERM) and
+//! [`Qpnet::stop_with`] send the signal and then require what the README
+//! promises: exit status 0 within [`STOP_LIMIT`], every worker seen during
+//! the run gone (reaped by the primary), and the socket (when qpnet listened
+//! on it) and the runtime directory `/run/qpnet/NAME/` removed by qpnet
+//! itself. Only after checking does the harness remove what was left, and
+//! whatever it had to remove is reported as a failure. Dropping a `Qpnet`
+//! that was not stopped runs the same check; a failure then panics (unless
+//! the thread is already panicking), so no test can end with an unclean
+//! shutdown unnoticed.
 
 use std::fs::File;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Child, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use qpnet_shared::SharedRegion;
 
+use crate::binary::{qpnet_binary, run_qpnet};
 use crate::netns::NetNs;
+use crate::proc::{children_of, ProcHandle};
+use crate::stats_json::StatsDoc;
+use crate::testbed::tail;
 use crate::wait::wait_for;
 
-/// Where `qpnet run --name NAME` keeps its runtime files.
+/// Where `qpnet run --name NAME` keeps its runtime files (as root).
 pub const RUN_DIR: &str = "/run/qpnet";
 
-/// The qpnet binary: `$QPNET_BIN`, else the workspace's release build, else
-/// its debug build.
-pub fn qpnet_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("QPNET_BIN") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            bail!("QPNET_BIN={} is not a file", p.display());
-        }
-        return Ok(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("qpnet");
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "qpnet binary not found under {}: run `cargo build --release -p qpnet-primary` \
-         (or set QPNET_BIN)",
-        target.display()
-    )
+/// How long qpnet may take from SIGTERM/SIGINT to its exit.
+pub const STOP_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long qpnet may take to come up.
+const START_LIMIT: Duration = Duration::from_secs(10);
+
+/// How to start `qpnet run`, beyond the usual arguments.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// More `qpnet run` arguments, after the usual ones.
+    pub extra: Vec<String>,
+    /// Environment variables for qpnet (and so its workers).
+    pub env: Vec<(String, String)>,
+    /// `--connect`: qpnet connects to a VMM listening on this path (the
+    /// test's, so qpnet must leave it in place) instead of listening.
+    pub connect_to: Option<PathBuf>,
+    /// An fd of this process that qpnet inherits at the same number.
+    pub inherit_fd: Option<RawFd>,
 }
 
-/// Run `qpnet ARGS` to completion (not in a namespace) and capture output.
-pub fn run_qpnet(args: &[&str]) -> Result<Output> {
-    Command::new(qpnet_binary()?)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running qpnet")
+impl Options {
+    /// Options with these extra `qpnet run` arguments.
+    pub fn args(extra: &[&str]) -> Options {
+        Options {
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ..Options::default()
+        }
+    }
+
+    /// And this environment variable.
+    pub fn with_env(mut self, key: &str, value: &str) -> Options {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// What a checked stop saw.
+#[derive(Debug)]
+pub struct StopReport {
+    /// qpnet's exit status.
+    pub status: ExitStatus,
+    /// From the signal to the exit.
+    pub took: Duration,
+    /// Every worker pid seen from the start of the stop.
+    pub workers: Vec<u32>,
 }
 
 /// A running qpnet primary.
 #[derive(Debug)]
 pub struct Qpnet {
     child: Child,
+    primary: ProcHandle,
     name: String,
     socket: PathBuf,
+    owns_socket: bool,
     dir: PathBuf,
     stderr_path: PathBuf,
     queue_pairs: u16,
+    stopped: bool,
 }
 
 impl Qpnet {
     /// Start `qpnet run` in `ns` on TAP `tap` with `queue_pairs` queue pairs;
     /// returns once its vhost-user socket exists.
     pub fn start(ns: &NetNs, tap: &str, queue_pairs: u16) -> Result<Qpnet> {
-        Qpnet::start_with(ns, tap, queue_pairs, &[])
+        Qpnet::start_opts(ns, tap, queue_pairs, &Options::default())
     }
 
     /// [`Qpnet::start`] with extra arguments after the usual ones.
     pub fn start_with(ns: &NetNs, tap: &str, queue_pairs: u16, extra: &[&str]) -> Result<Qpnet> {
+        Qpnet::start_opts(ns, tap, queue_pairs, &Options::args(extra))
+    }
+
+    /// [`Qpnet::start`] with [`Options`]. With `connect_to` it returns once
+    /// qpnet has created its runtime files (it connects later, retrying).
+    pub fn start_opts(ns: &NetNs, tap: &str, queue_pairs: u16, opts: &Options) -> Result<Qpnet> {
         let name = crate::unique_name();
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;
-        let socket = dir.join("vhost.sock");
+        let socket = opts
+            .connect_to
+            .clone()
+            .unwrap_or_else(|| dir.join("vhost.sock"));
         let stderr_path = dir.join("qpnet.stderr");
         let stderr = File::create(&stderr_path)?;
         let qp = queue_pairs.to_string();
-        let child = ns
-            .command(qpnet_binary()?)
-            .arg("run")
+        let mut cmd = ns.command(qpnet_binary()?);
+        cmd.arg("run")
             .arg("--socket")
             .arg(&socket)
             .args(["--tap", tap, "--queue-pairs", &qp, "--name", &name])
-            .args(extra)
+            .args(&opts.extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(stderr.try_clone()?)
-            .stderr(stderr)
-            .spawn()
-            .context("spawning qpnet")?;
+            .stderr(stderr);
+        if opts.connect_to.is_some() {
+            cmd.arg("--connect");
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let inherit = opts.inherit_fd.unwrap_or(-1);
+        // SAFETY: the closure runs between fork and exec and makes only
+        // async-signal-safe system calls; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Every fd this process holds beyond 0-2 (ours are all
+                // close-on-exec already; ones the test process inherited
+                // from its own parent may not be) closes at exec.
+                const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+                if libc::syscall(
+                    libc::SYS_close_range,
+                    3 as libc::c_uint,
+                    libc::c_uint::MAX,
+                    CLOSE_RANGE_CLOEXEC,
+                ) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if inherit >= 0 && libc::fcntl(inherit, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("spawning qpnet")?;
+        let primary = ProcHandle::of(child.id())?;
         let mut q = Qpnet {
             child,
+            primary,
             name,
             socket,
+            owns_socket: opts.connect_to.is_none(),
             dir,
             stderr_path,
             queue_pairs,
+            stopped: false,
         };
-        q.wait_socket(Duration::from_secs(10))?;
+        let up = if q.owns_socket {
+            let s = q.socket.clone();
+            q.wait_up("its vhost-user socket", move || s.exists())
+        } else {
+            let shm = q.runtime_dir().join("stats.shm");
+            q.wait_up("its shared region", move || shm.exists())
+        };
+        if let Err(e) = up {
+            q.abandon();
+            return Err(e);
+        }
         Ok(q)
     }
 
-    fn wait_socket(&mut self, timeout: Duration) -> Result<()> {
+    fn wait_up(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
         let mut exited = None;
-        let socket = self.socket.clone();
-        let r = wait_for("the qpnet vhost-user socket", timeout, || {
+        let r = wait_for(&format!("qpnet to create {what}"), START_LIMIT, || {
             if let Ok(Some(st)) = self.child.try_wait() {
                 exited = Some(st);
                 return true;
             }
-            socket.exists()
+            ready()
         });
         if let Some(st) = exited {
             bail!(
-                "qpnet exited ({st}) before listening; stderr:\n{}",
+                "qpnet exited ({st}) before it was up; stderr:\n{}",
                 self.stderr()
             );
         }
         r.with_context(|| format!("qpnet stderr:\n{}", self.stderr()))
+    }
+
+    /// Stop without checking anything (a start that failed).
+    fn abandon(&mut self) {
+        self.stopped = true;
+        let workers = self.primary.children();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for w in workers {
+            let _ = w.signal(Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(self.runtime_dir());
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 
     /// The vhost-user socket path.
@@ -147,6 +236,11 @@ impl Qpnet {
         &self.name
     }
 
+    /// The instance's runtime directory (`/run/qpnet/NAME`).
+    pub fn runtime_dir(&self) -> PathBuf {
+        Path::new(RUN_DIR).join(&self.name)
+    }
+
     /// Queue pairs it was started with.
     pub fn queue_pairs(&self) -> u16 {
         self.queue_pairs
@@ -155,6 +249,11 @@ impl Qpnet {
     /// The primary's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The primary, pinned.
+    pub fn primary(&self) -> &ProcHandle {
+        &self.primary
     }
 
     /// True while the primary has not exited.
@@ -175,9 +274,14 @@ impl Qpnet {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
-    /// The primary's live child processes (its workers).
+    /// The primary's live child processes (its workers), by pid.
     pub fn worker_pids(&self) -> Vec<u32> {
         children_of(self.pid())
+    }
+
+    /// The primary's live workers, pinned.
+    pub fn workers(&self) -> Vec<ProcHandle> {
+        self.primary.children()
     }
 
     /// Wait until exactly `n` workers run; return their pids.
@@ -198,7 +302,7 @@ impl Qpnet {
 
     /// The instance's shared stats region (read-only).
     pub fn stats(&self) -> Result<SharedRegion> {
-        let path = Path::new(RUN_DIR).join(&self.name).join("stats.shm");
+        let path = self.runtime_dir().join("stats.shm");
         SharedRegion::open_read_only(&path).with_context(|| format!("opening {}", path.display()))
     }
 
@@ -208,125 +312,143 @@ impl Qpnet {
         all.extend_from_slice(args);
         run_qpnet(&all)
     }
+
+    /// `qpnet stats --name NAME ARGS`, which must exit 0; its stdout.
+    pub fn stats_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.stats_command(args)?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "qpnet stats {args:?} exited with {}; stderr: {}; stdout: {stdout}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// `qpnet stats --name NAME --json ARGS`, read.
+    pub fn stats_json(&self, extra: &[&str]) -> Result<StatsDoc> {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        let text = self.stats_ok(&args)?;
+        StatsDoc::parse(&text).with_context(|| format!("qpnet stats --json printed:\n{text}"))
+    }
+
+    /// Stop with SIGTERM and check the shutdown (see the module
+    /// documentation).
+    pub fn stop(self) -> Result<StopReport> {
+        self.stop_with(Signal::SIGTERM)
+    }
+
+    /// Stop with `sig` and check the shutdown.
+    pub fn stop_with(mut self, sig: Signal) -> Result<StopReport> {
+        self.stopped = true;
+        self.checked_stop(sig)
+    }
+
+    fn checked_stop(&mut self, sig: Signal) -> Result<StopReport> {
+        let pid = self.pid();
+        let mut problems = Vec::new();
+        let mut workers = self.primary.children();
+        let started = Instant::now();
+        let mut status = self.child.try_wait()?;
+        if let Some(st) = status {
+            problems.push(format!("it had already exited ({st}) before the {sig}"));
+        } else {
+            kill(Pid::from_raw(pid as i32), sig).with_context(|| format!("{sig} to qpnet"))?;
+        }
+        while status.is_none() {
+            for w in self.primary.children() {
+                if !workers
+                    .iter()
+                    .any(|o| o.pid() == w.pid() && o.start_ticks() == w.start_ticks())
+                {
+                    workers.push(w);
+                }
+            }
+            status = self.child.try_wait()?;
+            if status.is_none() && started.elapsed() > STOP_LIMIT {
+                problems.push(format!(
+                    "it was still running {STOP_LIMIT:?} after the {sig}"
+                ));
+                let _ = self.child.kill();
+                status = Some(self.child.wait()?);
+            }
+            if status.is_none() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let status = status.expect("the loop ends with a status");
+        let took = started.elapsed();
+        if !status.success() && problems.is_empty() {
+            problems.push(format!("it exited with {status} after the {sig}, not 0"));
+        }
+        for w in &workers {
+            if !w.is_reaped() {
+                problems.push(format!(
+                    "worker {} ({}) outlived the primary (state {:?})",
+                    w.pid(),
+                    w.cmdline().unwrap_or_default(),
+                    w.state()
+                ));
+                let _ = w.signal(Signal::SIGKILL);
+            }
+        }
+        if self.owns_socket && self.socket.exists() {
+            problems.push(format!("it left its socket {}", self.socket.display()));
+            let _ = std::fs::remove_file(&self.socket);
+        }
+        if !self.owns_socket && !self.socket.exists() {
+            problems.push(format!(
+                "it removed {}, the socket of the VMM it connected to",
+                self.socket.display()
+            ));
+        }
+        let run = self.runtime_dir();
+        if run.exists() {
+            let left: Vec<String> = std::fs::read_dir(&run)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            problems.push(format!(
+                "it left its runtime directory {} holding {left:?}",
+                run.display()
+            ));
+            let _ = std::fs::remove_dir_all(&run);
+        }
+        let report = StopReport {
+            status,
+            took,
+            workers: workers.iter().map(ProcHandle::pid).collect(),
+        };
+        if problems.is_empty() {
+            return Ok(report);
+        }
+        Err(anyhow!(
+            "qpnet (pid {pid}) did not stop cleanly on {sig}: {}; its stderr:\n{}",
+            problems.join("; "),
+            tail(&self.stderr(), 40)
+        ))
+    }
 }
 
 impl Drop for Qpnet {
     fn drop(&mut self) {
-        let workers = self.worker_pids();
-        let pid = Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
-        let stopped = wait_for("qpnet to exit", Duration::from_secs(3), || {
-            matches!(self.child.try_wait(), Ok(Some(_)))
-        });
-        if stopped.is_err() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        for w in workers {
-            if process_name(w).as_deref() == Some("qpnet") {
-                let _ = kill(Pid::from_raw(w as i32), Signal::SIGKILL);
-            }
-        }
-        let _ = std::fs::remove_dir_all(Path::new(RUN_DIR).join(&self.name));
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Live children of `pid`, from /proc/PID/task/*/children, falling back to
-/// a scan of /proc for processes whose parent is `pid`.
-pub fn children_of(pid: u32) -> Vec<u32> {
-    let mut kids = Vec::new();
-    let mut have_children_files = false;
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                have_children_files = true;
-                kids.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-            }
-        }
-    }
-    if !have_children_files {
-        kids = scan_for_parent(pid);
-    }
-    kids.retain(|&k| !is_zombie(k));
-    kids.sort_unstable();
-    kids.dedup();
-    kids
-}
-
-fn scan_for_parent(pid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&p| stat_fields(p).and_then(|f| f.get(1).cloned()) == Some(pid.to_string()))
-        .collect()
-}
-
-/// The fields of /proc/PID/stat after the command name: state, ppid, ...
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
-
-fn is_zombie(pid: u32) -> bool {
-    stat_fields(pid).is_none_or(|f| f.first().map(String::as_str) == Some("Z"))
-}
-
-/// The parent pid of `pid`.
-pub fn parent_of(pid: u32) -> Option<u32> {
-    stat_fields(pid)?.get(1)?.parse().ok()
-}
-
-/// /proc/PID/comm.
-pub fn process_name(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-/// The command line of `pid`, arguments joined by spaces.
-pub fn command_line(pid: u32) -> Option<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
-}
-
-/// CPU time `pid` has used so far (all live threads, user + system).
-pub fn cpu_time(pid: u32) -> Result<Duration> {
-    let mut total_ns: u64 = 0;
-    let mut any = false;
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
-                if let Some(ns) = s
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                {
-                    total_ns += ns;
-                    any = true;
+        if !std::mem::replace(&mut self.stopped, true) {
+            if let Err(e) = self.checked_stop(Signal::SIGTERM) {
+                eprintln!("{e:#}");
+                if !std::thread::panicking() {
+                    let _ = std::fs::remove_dir_all(&self.dir);
+                    panic!("{e:#}");
                 }
             }
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
-    if any {
-        return Ok(Duration::from_nanos(total_ns));
-    }
-    let f = stat_fields(pid).with_context(|| format!("process {pid} is gone"))?;
-    // utime and stime are fields 14 and 15 of stat; index 11 and 12 here.
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
 
 #[cfg(test)]
@@ -334,31 +456,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn process_helpers_see_our_own_children() {
-        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
-        let me = std::process::id();
-        assert!(children_of(me).contains(&child.id()));
-        assert_eq!(parent_of(child.id()), Some(me));
-        // Right after spawn the new image may not be in place yet.
-        wait_for("the child to exec sleep", Duration::from_secs(5), || {
-            command_line(child.id()).as_deref() == Some("sleep 5")
-        })
-        .unwrap();
-        assert_eq!(process_name(child.id()).as_deref(), Some("sleep"));
-        // A busy process accumulates CPU time.
-        let mut busy = Command::new("sh")
-            .args(["-c", "while :; do :; done"])
-            .spawn()
-            .unwrap();
-        let t0 = cpu_time(busy.id()).unwrap();
-        wait_for("CPU time to grow", Duration::from_secs(5), || {
-            cpu_time(busy.id()).is_ok_and(|t| t >= t0 + Duration::from_millis(20))
-        })
-        .unwrap();
-        busy.kill().unwrap();
-        busy.wait().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert!(!children_of(me).contains(&child.id()));
+    fn options_collect_arguments_and_environment() {
+        let o = Options::args(&["--crash-limit", "0"]).with_env("A", "1");
+        assert_eq!(o.extra, vec!["--crash-limit", "0"]);
+        assert_eq!(o.env, vec![("A".to_string(), "1".to_string())]);
+        assert!(o.connect_to.is_none() && o.inherit_fd.is_none());
     }
 }

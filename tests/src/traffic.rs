@@ -184,6 +184,47 @@ impl Drop for TapCollector {
     }
 }
 
+/// Whether test frames other than a round's own may arrive on the TAP
+/// during [`tx_round`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strays {
+    /// Nothing else may arrive: any other frame fails the round.
+    Refused,
+    /// Frames of earlier rounds still on their way are ignored.
+    Ignored,
+}
+
+/// The TX round every test uses: frames `seqs` on the TX queue of every
+/// queue pair in `qps`; every one must arrive on the TAP exactly once, byte
+/// for byte, within `timeout` (and with [`Strays::Refused`], nothing else).
+pub fn tx_round(
+    vmm: &mut Vmm,
+    tap: &TapSocket,
+    qps: &[usize],
+    seqs: Range<u32>,
+    strays: Strays,
+    timeout: Duration,
+) -> Result<()> {
+    let collector = TapCollector::start(tap)?;
+    let expected: Vec<(u16, Range<u32>)> = qps.iter().map(|&q| (q as u16, seqs.clone())).collect();
+    let r = send_tx(vmm, qps, seqs.clone(), &collector, timeout).and_then(|()| match strays {
+        Strays::Refused => {
+            collector.wait_received(seqs.len() as u64 * qps.len() as u64, timeout)?;
+            collector.check(&expected)
+        }
+        Strays::Ignored => {
+            let mut last = Ok(());
+            let waited = crate::wait::wait_for("the round's frames on the TAP", timeout, || {
+                last = collector.check_expected(&expected);
+                last.is_ok()
+            });
+            last.and(waited)
+        }
+    });
+    let finished = collector.finish();
+    r.and(finished)
+}
+
 /// The frame test traffic puts on `queue` with sequence number `seq`.
 pub fn tx_frame(queue: u16, seq: u32) -> Vec<u8> {
     build(&FrameSpec {

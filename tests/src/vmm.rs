@@ -16,6 +16,7 @@
 //! The same connection is also reachable raw ([`Vmm::raw`]) for requests the
 //! frontend does not offer or would refuse to send.
 
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,7 +104,12 @@ impl Vmm {
     /// Connect to the backend at `socket` and bring the device up; RX buffers
     /// are posted on every queue.
     pub fn connect(socket: &Path, config: VmmConfig) -> Result<Vmm> {
-        let stream = connect_unix(socket, Duration::from_secs(5))?;
+        Vmm::over(connect_unix(socket, Duration::from_secs(5))?, config)
+    }
+
+    /// [`Vmm::connect`] over a connection already made (a backend that
+    /// connected to us: `qpnet run --connect`).
+    pub fn over(stream: UnixStream, config: VmmConfig) -> Result<Vmm> {
         stream.set_read_timeout(Some(config.reply_timeout))?;
         stream.set_write_timeout(Some(config.reply_timeout))?;
         let raw = RawVhostUser::from_stream(stream.try_clone()?);

@@ -1,56 +1,31 @@
-//! qpnet's command line: mistakes get a clear error that names the fix and a
-//! nonzero exit; help exists for every subcommand.
+//! qpnet's command line: mistakes get a clear error that names the fix and
+//! the exit code the README promises (2 for usage errors, found before
+//! anything is touched; 1 for errors while setting up or running), and
+//! leave nothing behind; help exists for every subcommand.
 //!
 //! Commands that could touch the network run inside a test namespace, so a
 //! check that fails to refuse cannot create anything on the host.
 //!
-//! Needs root (to create namespaces and to drop to `nobody`) and the release
-//! binary (`cargo build --release -p qpnet-primary`).
+//! Needs root (to create namespaces and to drop to `nobody`) and
+//! `$QPNET_BIN`.
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
+use qpnet_tests::binary::{ensure_exit, qpnet_binary, run_bounded, run_qpnet};
 use qpnet_tests::netns::NetNs;
-use qpnet_tests::qpnet::{qpnet_binary, run_qpnet};
+use qpnet_tests::qpnet::RUN_DIR;
 use qpnet_tests::testbed::{Testbed, TAP_NAME};
+use qpnet_tests::unique_name;
 
-/// Run `cmd` to completion, killing it (and failing) after `timeout`.
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {cmd:?}"))?;
-    let deadline = Instant::now() + timeout;
-    while child.try_wait()?.is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output()?;
-            bail!(
-                "{cmd:?} still running after {timeout:?} (it should have refused); stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(child.wait_with_output()?)
-}
-
-/// The command failed (nonzero exit) and its stderr contains one of `any`.
-fn ensure_refused(what: &str, out: &Output, any: &[&str]) -> Result<()> {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success(),
-        "{what}: exited successfully; stderr:\n{stderr}"
-    );
-    ensure!(
-        any.iter().any(|s| stderr.contains(s)),
-        "{what}: stderr should contain one of {any:?}, got:\n{stderr}"
-    );
-    Ok(())
-}
+/// Exit code of a usage error (clap's, and `qpnet stats`').
+const EXIT_USAGE: i32 = 2;
+/// Exit code of an error while setting up or running.
+const EXIT_ERROR: i32 = 1;
+/// Exit code of `qpnet retry` (and `qpnet stats`) without such an instance.
+const EXIT_NO_INSTANCE: i32 = 3;
 
 /// `qpnet run ARGS` inside `ns`, bounded.
 fn run_in(ns: &NetNs, args: &[&str]) -> Result<Output> {
@@ -59,14 +34,26 @@ fn run_in(ns: &NetNs, args: &[&str]) -> Result<Output> {
     run_bounded(&mut cmd, Duration::from_secs(15))
 }
 
-fn temp_socket() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("{}.sock", qpnet_tests::unique_name()))
+fn temp_socket() -> PathBuf {
+    std::env::temp_dir().join(format!("{}.sock", unique_name()))
+}
+
+/// Nothing of instance `name` is left in the runtime directory.
+fn ensure_no_runtime_dir(what: &str, name: &str) -> Result<()> {
+    let dir = Path::new(RUN_DIR).join(name);
+    ensure!(
+        !dir.exists(),
+        "{what}: qpnet left its runtime directory {}",
+        dir.display()
+    );
+    Ok(())
 }
 
 #[test]
 fn tap_name_too_long_is_refused() -> Result<()> {
     let ns = NetNs::new()?;
     let sock = temp_socket();
+    let name = unique_name();
     let out = run_in(
         &ns,
         &[
@@ -77,25 +64,31 @@ fn tap_name_too_long_is_refused() -> Result<()> {
             "--queue-pairs",
             "1",
             "--name",
-            &qpnet_tests::unique_name(),
+            &name,
         ],
     )?;
-    ensure_refused("a 17-character TAP name", &out, &["too long"])?;
+    ensure_exit(
+        "a 17-character TAP name",
+        &out,
+        EXIT_ERROR,
+        &["too long", "15 bytes"],
+    )?;
     let links = ns.ip(&["-o", "link", "show"])?;
     ensure!(
         !links.contains("qpnet-tap"),
         "a TAP was created anyway: {links}"
     );
     ensure!(!sock.exists(), "the socket was created anyway");
-    Ok(())
+    ensure_no_runtime_dir("a 17-character TAP name", &name)
 }
 
 #[test]
 fn socket_in_use_by_a_running_instance_is_refused() -> Result<()> {
-    let bed = Testbed::new(1)?;
+    let mut bed = Testbed::new(1)?;
     let other = NetNs::new()?;
     other.add_tap(TAP_NAME, None)?;
     let socket = bed.qpnet.socket().to_str().unwrap().to_owned();
+    let name = unique_name();
     let out = run_in(
         &other,
         &[
@@ -106,22 +99,28 @@ fn socket_in_use_by_a_running_instance_is_refused() -> Result<()> {
             "--queue-pairs",
             "1",
             "--name",
-            &qpnet_tests::unique_name(),
+            &name,
         ],
     )?;
-    ensure_refused("a socket path another qpnet listens on", &out, &["in use"])?;
+    ensure_exit(
+        "a socket path another qpnet listens on",
+        &out,
+        EXIT_ERROR,
+        &["in use", "--socket"],
+    )?;
     ensure!(
         bed.qpnet.socket().exists(),
         "the running instance's socket was removed"
     );
+    ensure_no_runtime_dir("a socket in use", &name)?;
     // The first instance is unaffected.
-    let mut bed = bed;
-    bed.check_serving(20)
+    bed.check_serving(20)?;
+    bed.finish()
 }
 
 #[test]
 fn instance_name_in_use_is_refused() -> Result<()> {
-    let bed = Testbed::new(1)?;
+    let mut bed = Testbed::new(1)?;
     let other = NetNs::new()?;
     other.add_tap(TAP_NAME, None)?;
     let sock = temp_socket();
@@ -138,13 +137,15 @@ fn instance_name_in_use_is_refused() -> Result<()> {
             bed.qpnet.name(),
         ],
     )?;
-    ensure_refused(
+    ensure_exit(
         "an instance name already running",
         &out,
-        &["already running"],
+        EXIT_ERROR,
+        &["already running", "--name"],
     )?;
-    let mut bed = bed;
-    bed.check_serving(20)
+    ensure!(!sock.exists(), "the second instance created its socket");
+    bed.check_serving(20)?;
+    bed.finish()
 }
 
 #[test]
@@ -152,6 +153,7 @@ fn queue_pairs_outside_1_to_16_are_refused() -> Result<()> {
     let ns = NetNs::new()?;
     let sock = temp_socket();
     for n in ["0", "17", "-1", "many"] {
+        let name = unique_name();
         let out = run_in(
             &ns,
             &[
@@ -161,15 +163,19 @@ fn queue_pairs_outside_1_to_16_are_refused() -> Result<()> {
                 TAP_NAME,
                 &format!("--queue-pairs={n}"),
                 "--name",
-                &qpnet_tests::unique_name(),
+                &name,
             ],
         )?;
-        ensure_refused(
+        ensure_exit(
             &format!("--queue-pairs {n}"),
             &out,
+            EXIT_USAGE,
             &["1..=16", "between 1 and 16"],
         )?;
+        ensure_no_runtime_dir(&format!("--queue-pairs {n}"), &name)?;
     }
+    let links = ns.ip(&["-o", "link", "show"])?;
+    ensure!(!links.contains(TAP_NAME), "a TAP was created: {links}");
     Ok(())
 }
 
@@ -183,11 +189,11 @@ fn unknown_flag_and_missing_arguments_are_refused() -> Result<()> {
         "x",
         "--frobnicate",
     ])?;
-    ensure_refused("an unknown flag", &out, &["--frobnicate"])?;
+    ensure_exit("an unknown flag", &out, EXIT_USAGE, &["--frobnicate"])?;
     let out = run_qpnet(&["run", "--tap", "x"])?;
-    ensure_refused("no --socket", &out, &["--socket"])?;
+    ensure_exit("no --socket", &out, EXIT_USAGE, &["--socket"])?;
     let out = run_qpnet(&["launch"])?;
-    ensure_refused("an unknown subcommand", &out, &["launch"])?;
+    ensure_exit("an unknown subcommand", &out, EXIT_USAGE, &["launch"])?;
     let out = run_qpnet(&[
         "run",
         "--socket",
@@ -197,15 +203,88 @@ fn unknown_flag_and_missing_arguments_are_refused() -> Result<()> {
         "--mac",
         "01:02:03:04:05:06",
     ])?;
-    ensure_refused("a multicast MAC", &out, &["multicast"])?;
+    ensure_exit("a multicast MAC", &out, EXIT_USAGE, &["multicast"])?;
     Ok(())
+}
+
+/// Errors found while setting up (after the arguments were accepted) exit
+/// with 1, say what to do, and leave nothing behind: no runtime directory,
+/// no TAP that qpnet created for the attempt, an existing TAP untouched.
+#[test]
+fn run_time_errors_exit_1_and_leave_nothing_behind() -> Result<()> {
+    let ns = NetNs::new()?;
+    // A single-queue TAP: qpnet needs a multi-queue one.
+    ns.ip(&["tuntap", "add", "dev", "qpsq0", "mode", "tap"])?;
+    let file = std::env::temp_dir().join(unique_name());
+    std::fs::write(&file, b"not a socket")?;
+    let cases: [(&str, String, &str, &[&str]); 3] = [
+        (
+            "a socket in a directory that does not exist (TAP created for it)",
+            format!("/nonexistent-{}/vhost.sock", unique_name()),
+            "qpnew0",
+            &["listening on", "No such file or directory"],
+        ),
+        (
+            "a socket path that is a regular file",
+            file.to_string_lossy().into_owned(),
+            "qpnew0",
+            &["is not a socket", "remove it or choose another --socket"],
+        ),
+        (
+            "an existing TAP that is not multi-queue",
+            temp_socket().to_string_lossy().into_owned(),
+            "qpsq0",
+            &["not a multi-queue TAP", "ip tuntap add dev qpsq0"],
+        ),
+    ];
+    for (what, socket, tap, needles) in cases {
+        let name = unique_name();
+        let out = run_in(
+            &ns,
+            &[
+                "--socket",
+                &socket,
+                "--tap",
+                tap,
+                "--queue-pairs",
+                "2",
+                "--name",
+                &name,
+            ],
+        )?;
+        ensure_exit(what, &out, EXIT_ERROR, needles)?;
+        ensure_no_runtime_dir(what, &name)?;
+        let links = ns.ip(&["-o", "link", "show"])?;
+        ensure!(
+            !links.contains("qpnew0"),
+            "{what}: the TAP qpnet created is still there: {links}"
+        );
+        ensure!(
+            links.contains("qpsq0"),
+            "{what}: the existing TAP is gone: {links}"
+        );
+    }
+    ensure!(
+        std::fs::read(&file)? == b"not a socket",
+        "the regular file at the socket path was changed"
+    );
+    std::fs::remove_file(&file)?;
+    // `qpnet retry` of an instance that does not run: exit 3, saying so.
+    let missing = unique_name();
+    let out = run_qpnet(&["retry", "--name", &missing])?;
+    ensure_exit(
+        "qpnet retry of an instance that does not run",
+        &out,
+        EXIT_NO_INSTANCE,
+        &["no qpnet instance", &missing],
+    )
 }
 
 #[test]
 fn running_without_cap_net_admin_is_refused() -> Result<()> {
     let ns = NetNs::new()?;
     ns.add_tap(TAP_NAME, None)?;
-    let dir = std::env::temp_dir().join(qpnet_tests::unique_name());
+    let dir = std::env::temp_dir().join(unique_name());
     std::fs::create_dir_all(&dir)?;
     // World-writable, so `nobody` could create its socket here: the refusal
     // must come from the capability check, not from file permissions.
@@ -223,21 +302,31 @@ fn running_without_cap_net_admin_is_refused() -> Result<()> {
             "--queue-pairs",
             "1",
         ])
-        .args(["--name", &qpnet_tests::unique_name()]);
+        .args(["--name", &unique_name()]);
     let out = run_bounded(&mut cmd, Duration::from_secs(15));
     let _ = std::fs::remove_dir_all(&dir);
-    ensure_refused("running as nobody", &out?, &["CAP_NET_ADMIN"])
+    ensure_exit(
+        "running as nobody",
+        &out?,
+        EXIT_ERROR,
+        &["CAP_NET_ADMIN", "root"],
+    )
 }
 
 #[test]
 fn help_exists_for_every_subcommand() -> Result<()> {
-    let cases: [(&[&str], &[&str]); 3] = [
-        (&["--help"], &["run", "stats"]),
+    let cases: [(&[&str], &[&str]); 8] = [
+        (&["--help"], &["run", "stats", "retry"]),
         (
             &["run", "--help"],
             &["--socket", "--tap", "--queue-pairs", "--connect", "--name"],
         ),
-        (&["stats", "--help"], &["--name", "--json"]),
+        (&["stats", "--help"], &["--name", "--json", "--prometheus"]),
+        (&["retry", "--help"], &["--name", "--runtime-dir", "retry"]),
+        (&["help", "run"], &["--socket", "--connect"]),
+        (&["help", "stats"], &["--json"]),
+        (&["help", "retry"], &["--name", "failed"]),
+        (&["help"], &["run", "stats", "retry"]),
     ];
     for (args, words) in cases {
         let out = run_qpnet(args)?;
@@ -260,29 +349,27 @@ fn help_exists_for_every_subcommand() -> Result<()> {
 #[test]
 fn stats_prints_counters_and_refuses_unknown_instances() -> Result<()> {
     let bed = Testbed::new(2)?;
-    let out = bed.qpnet.stats_command(&["--json"])?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let doc = bed.qpnet.stats_json(&[])?;
     ensure!(
-        out.status.success(),
-        "qpnet stats --json failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        doc.name == bed.qpnet.name() && doc.queues.len() == 2,
+        "stats of instance {} with 2 queue pairs: {}",
+        bed.qpnet.name(),
+        doc.brief()
     );
-    for key in [
-        "tx_frames",
-        "rx_frames",
-        "drop_bad_descriptor",
-        "drop_runt",
-        "pid",
-    ] {
-        ensure!(
-            stdout.contains(&format!("\"{key}\"")),
-            "stats JSON lacks {key}:\n{stdout}"
-        );
+    for q in &doc.queues {
+        q.worker_pid()?;
+        for key in ["tx_frames", "rx_frames", "drop_bad_descriptor", "drop_runt"] {
+            q.counter(key)?;
+        }
     }
-    let table = bed.qpnet.stats_command(&[])?;
-    ensure!(table.status.success(), "qpnet stats failed");
-    let missing = qpnet_tests::unique_name();
+    bed.qpnet.stats_ok(&[])?;
+    let missing = unique_name();
     let out = run_qpnet(&["stats", "--name", &missing])?;
-    ensure_refused("stats of an instance that does not run", &out, &[&missing])?;
-    Ok(())
+    ensure_exit(
+        "stats of an instance that does not run",
+        &out,
+        EXIT_NO_INSTANCE,
+        &[&missing],
+    )?;
+    bed.finish()
 }

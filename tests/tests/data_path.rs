@@ -5,8 +5,7 @@
 //! writes and injects what it must read. Every frame is checked byte for
 //! byte and accounted for: nothing lost, nothing duplicated.
 //!
-//! Needs root and the release binary (`cargo build --release -p
-//! qpnet-primary`).
+//! Needs root and `$QPNET_BIN`.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -15,7 +14,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use qpnet_shared::QueueStats;
 use qpnet_tests::frames::{mixed_len, MAX_FRAME};
-use qpnet_tests::qpnet::{command_line, cpu_time, parent_of};
+use qpnet_tests::proc::ProcHandle;
 use qpnet_tests::testbed::Testbed;
 use qpnet_tests::traffic::{rx_traffic, send_tx, tx_frame, TapCollector};
 use qpnet_tests::vmm::{Vmm, VmmConfig};
@@ -23,26 +22,11 @@ use qpnet_tests::vmm::{Vmm, VmmConfig};
 const TIMEOUT: Duration = Duration::from_secs(60);
 const TX_FRAMES_PER_QUEUE: u32 = 10_000;
 
-/// Send `per_queue` frames on every TX queue of `vmm`; all must arrive on
-/// the TAP intact, exactly once.
-fn tx_all_queues(bed: &mut Testbed, vmm: &mut Vmm, per_queue: u32) -> Result<()> {
-    let qps: Vec<usize> = (0..vmm.tx.len()).collect();
-    let collector = TapCollector::start(&bed.tap)?;
-    let r = send_tx(vmm, &qps, 0..per_queue, &collector, TIMEOUT)
-        .and_then(|_| collector.wait_received(per_queue as u64 * qps.len() as u64, TIMEOUT));
-    let r = r.and_then(|_| {
-        let expected: Vec<_> = qps.iter().map(|&q| (q as u16, 0..per_queue)).collect();
-        collector.check(&expected)
-    });
-    collector.finish()?;
-    bed.explain(r)
-}
-
 #[test]
 fn one_queue_pair_moves_frames_both_ways_byte_exact() -> Result<()> {
     let mut bed = Testbed::new(1)?;
     let mut vmm = bed.vmm(VmmConfig::default())?;
-    tx_all_queues(&mut bed, &mut vmm, TX_FRAMES_PER_QUEUE)?;
+    bed.tx_round(&mut vmm, TX_FRAMES_PER_QUEUE)?;
 
     // 256-byte RX buffers + MRG_RXBUF: a 1514-byte frame needs 6 of them.
     let r = rx_traffic(&mut vmm, &bed.tap, 2_000, 16, mixed_len, TIMEOUT);
@@ -63,7 +47,7 @@ fn one_queue_pair_moves_frames_both_ways_byte_exact() -> Result<()> {
         "stats rx_frames {} < 2000 received",
         QueueStats::get(&q.rx_frames)
     );
-    bed.qpnet.check_alive()
+    bed.finish()
 }
 
 #[test]
@@ -79,8 +63,8 @@ fn rx_without_mergeable_buffers_uses_one_buffer_per_frame() -> Result<()> {
     let r = rx_traffic(&mut vmm, &bed.tap, 1_000, 8, mixed_len, TIMEOUT);
     let report = bed.explain(r)?;
     ensure!(report.max_buffers == 1, "{report:?}");
-    tx_all_queues(&mut bed, &mut vmm, 1_000)?;
-    bed.qpnet.check_alive()
+    bed.tx_round(&mut vmm, 1_000)?;
+    bed.finish()
 }
 
 /// Four queue pairs: every TX queue delivers, RX spreads over the queues,
@@ -96,6 +80,10 @@ fn four_queue_pairs_each_have_a_worker_and_the_primary_stays_idle() -> Result<()
     })?;
     let primary = bed.qpnet.pid();
     let workers = bed.qpnet.wait_workers(4, Duration::from_secs(10))?;
+    let worker_procs: Vec<ProcHandle> = workers
+        .iter()
+        .map(|&w| ProcHandle::of(w))
+        .collect::<Result<_>>()?;
     let distinct: BTreeSet<u32> = workers.iter().copied().collect();
     ensure!(
         distinct.len() == 4,
@@ -112,11 +100,12 @@ fn four_queue_pairs_each_have_a_worker_and_the_primary_stays_idle() -> Result<()
             workers.contains(&pid),
             "queue pair {qp} reports worker pid {pid}, not one of the primary's children {workers:?}"
         );
+        let w = ProcHandle::of(pid)?;
         ensure!(
-            parent_of(pid) == Some(primary),
+            w.ppid() == Some(primary),
             "worker {pid} is not the primary's child"
         );
-        let cmd = command_line(pid).unwrap_or_default();
+        let cmd = w.cmdline().unwrap_or_default();
         ensure!(
             cmd.contains("worker") && cmd.contains(&format!("--queue-pair {qp}")),
             "worker {pid} of queue pair {qp} runs {cmd:?}"
@@ -140,21 +129,22 @@ fn four_queue_pairs_each_have_a_worker_and_the_primary_stays_idle() -> Result<()
              workers {workers:?})"
         );
     }
-    let primary_before = cpu_time(primary)?;
-    let workers_before: Vec<Duration> = workers
+    let primary_proc = bed.qpnet.primary();
+    let primary_before = primary_proc.cpu_time()?;
+    let workers_before: Vec<Duration> = worker_procs
         .iter()
-        .map(|&w| cpu_time(w))
+        .map(ProcHandle::cpu_time)
         .collect::<Result<_>>()?;
 
-    tx_all_queues(&mut bed, &mut vmm, TX_FRAMES_PER_QUEUE)?;
+    bed.tx_round(&mut vmm, TX_FRAMES_PER_QUEUE)?;
     let r = rx_traffic(&mut vmm, &bed.tap, 4_000, 64, mixed_len, TIMEOUT);
     let report = bed.explain(r)?;
 
-    let primary_used = cpu_time(primary)? - primary_before;
-    let worker_used: Vec<Duration> = workers
+    let primary_used = bed.qpnet.primary().cpu_time()? - primary_before;
+    let worker_used: Vec<Duration> = worker_procs
         .iter()
         .zip(&workers_before)
-        .map(|(&w, before)| Ok(cpu_time(w)? - *before))
+        .map(|(w, before)| Ok(w.cpu_time()? - *before))
         .collect::<Result<_>>()?;
     let total: Duration = worker_used.iter().sum();
     eprintln!(
@@ -188,7 +178,7 @@ fn four_queue_pairs_each_have_a_worker_and_the_primary_stays_idle() -> Result<()
         "workers changed during traffic: {workers:?} -> {:?}",
         bed.qpnet.worker_pids()
     );
-    bed.qpnet.check_alive()
+    bed.finish()
 }
 
 /// GET_VRING_BASE stops a TX ring where it is; restarting it at that base
@@ -201,7 +191,7 @@ fn tx_ring_stopped_and_restarted_loses_and_repeats_nothing() -> Result<()> {
     let r = stop_restart_scenario(&mut vmm, &collector);
     collector.finish()?;
     bed.explain(r)?;
-    bed.qpnet.check_alive()
+    bed.finish()
 }
 
 fn stop_restart_scenario(vmm: &mut Vmm, collector: &TapCollector) -> Result<()> {
@@ -278,7 +268,7 @@ fn a_new_vmm_connection_works_after_the_previous_one_left() -> Result<()> {
     let workers = bed.qpnet.wait_workers(2, Duration::from_secs(10))?;
     {
         let mut vmm = bed.vmm(config.clone())?;
-        tx_all_queues(&mut bed, &mut vmm, 1_000)?;
+        bed.tx_round(&mut vmm, 1_000)?;
         let r = rx_traffic(&mut vmm, &bed.tap, 500, 8, mixed_len, TIMEOUT);
         bed.explain(r)?;
     }
@@ -297,7 +287,7 @@ fn a_new_vmm_connection_works_after_the_previous_one_left() -> Result<()> {
     }
     let mut vmm = bed.vmm(config)?;
     bed.tap.drain()?;
-    tx_all_queues(&mut bed, &mut vmm, 1_000)?;
+    bed.tx_round(&mut vmm, 1_000)?;
     let r = rx_traffic(&mut vmm, &bed.tap, 500, 8, |_| MAX_FRAME, TIMEOUT);
     bed.explain(r)?;
     let connections = bed
@@ -315,7 +305,7 @@ fn a_new_vmm_connection_works_after_the_previous_one_left() -> Result<()> {
         now.len() == 2,
         "2 workers expected after reconnects: {workers:?} -> {now:?}"
     );
-    bed.qpnet.check_alive()
+    bed.finish()
 }
 
 /// Watches one ring's used index from a thread of its own, as a guest
@@ -437,5 +427,5 @@ fn rx_used_index_is_published_only_at_frame_boundaries() -> Result<()> {
         inside.len(),
         &inside[..inside.len().min(10)]
     );
-    bed.qpnet.check_alive()
+    bed.finish()
 }

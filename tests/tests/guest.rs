@@ -20,19 +20,23 @@
 //!
 //! Needs root (namespaces, TAPs), qemu-system-x86, a Debian kernel, busybox-
 //! static, iperf3 and ethtool (the guest build says which package is missing),
-//! and a built qpnet (`$QPNET_BIN`, else `<workspace>/target/release/qpnet`;
-//! see `qpnet_tests::qpnet`). qpnet is started and stopped by
+//! and `$QPNET_BIN` (see `qpnet_tests::binary`). qpnet is started and
+//! stopped (a checked SIGTERM: exit 0, workers gone, files removed) by
 //! `qpnet_tests::qpnet::Qpnet`; run-guest.sh (with its QEMU) and iperf3 each
 //! lead their own process group and are killed with it on drop, and the
-//! namespace goes with its guard (see `qpnet_tests::guest`). On failure the serial consoles, qpnet's stderr and
-//! iperf3's log are printed, and kept under /tmp/qpnet-guest-<name>/.
+//! namespace goes with its guard (see `qpnet_tests::guest`). On failure the
+//! serial consoles, qpnet's stderr and iperf3's log are printed, and kept
+//! under /tmp/qpnet-guest-<name>/.
+//!
+//! Timing-sensitive (TCG guests against deadlines): the test holds the
+//! timing lock, so no other such test runs beside it.
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use qpnet_tests::guest::{Bed, Guest, GuestArgs, Spawned, HOST_ADDR, TAP};
-use qpnet_tests::json;
 use qpnet_tests::qpnet::Qpnet;
+use qpnet_tests::serial::TimingLock;
 
 /// The guests' addresses (the host's is `qpnet_tests::guest::HOST_CIDR`).
 const FIRST_GUEST_CIDR: &str = "10.77.0.2/24";
@@ -45,7 +49,7 @@ const QUEUE_PAIRS: usize = 2;
 const IPERF_SECS: u32 = 5;
 const IPERF_STREAMS: u32 = 8;
 /// The iperf3 server's port.
-const IPERF_PORT: u64 = 5201;
+const IPERF_PORT: u16 = 5201;
 /// The guest's address, as qpnet's flow table shows it.
 const FIRST_GUEST_ADDR: &str = "10.77.0.2";
 /// Least share of tracked frames that must arrive on the queue pair that
@@ -61,6 +65,8 @@ const HOLD_STARTED: &str = "QPNET-RESULT hold started";
 
 #[test]
 fn guest_moves_traffic_on_both_queue_pairs_and_a_second_guest_reconnects() {
+    // Two TCG guests at once would race each other against the deadlines.
+    let _timing = TimingLock::acquire("guest test").expect("the timing lock");
     let mut bed = match GuestBed::start() {
         Ok(bed) => bed,
         Err(e) => panic!("setting up the guest test bed: {e:#}"),
@@ -69,7 +75,9 @@ fn guest_moves_traffic_on_both_queue_pairs_and_a_second_guest_reconnects() {
         bed.print_logs();
         panic!("guest test failed: {e:#}");
     }
-    bed.finish();
+    if let Err(e) = bed.finish() {
+        panic!("after the guest test: {e:#}");
+    }
 }
 
 /// The whole scenario; every check fails with what it saw.
@@ -169,7 +177,7 @@ fn check_rx_errors(guest: &mut Guest, who: &str) -> Result<()> {
 
 /// qpnet's own per-queue counters: every queue pair carried frames both ways.
 fn check_qpnet_queue_counters(bed: &GuestBed) -> Result<()> {
-    let queues = bed.qpnet_queue_stats()?;
+    let queues = bed.qpnet.stats_json(&[])?.queues;
     ensure!(
         queues.len() == QUEUE_PAIRS,
         "qpnet stats lists {} queue pairs, expected {QUEUE_PAIRS}",
@@ -191,11 +199,6 @@ fn check_qpnet_queue_counters(bed: &GuestBed) -> Result<()> {
     Ok(())
 }
 
-/// The string member `key` of a JSON object, or "".
-fn field<'a>(f: &'a json::Value, key: &str) -> &'a str {
-    f.get(key).and_then(json::Value::as_str).unwrap_or("")
-}
-
 /// qpnet's flow table while the first guest holds: the guest's iperf3
 /// connections are listed with its address and the server's, and flow
 /// affinity (tracked frames that came through the queue pair owning their
@@ -203,40 +206,31 @@ fn field<'a>(f: &'a json::Value, key: &str) -> &'a str {
 /// connections closed a moment ago; their entries stay until the closed-flow
 /// timeout (10 s), and the check needs one stream per queue pair at least.
 fn check_qpnet_flows(bed: &GuestBed) -> Result<()> {
-    let text = bed.qpnet_stats_text(&["--json", "--top", "100"])?;
-    let doc = json::parse(&text)?;
+    let doc = bed.qpnet.stats_json(&["--top", "100"])?;
     ensure!(
-        doc.get("flow_tracking").and_then(json::Value::as_bool) == Some(true),
-        "qpnet stats says flow tracking is not on:\n{text}"
+        doc.flow_tracking == Some(true),
+        "qpnet stats says flow tracking is not on:\n{}",
+        doc.brief()
     );
-    let flows = doc
-        .get("flows")
-        .and_then(json::Value::as_array)
-        .context("qpnet stats --json has no \"flows\" array")?;
     let mut iperf = Vec::new();
-    for f in flows {
+    for f in &doc.flows {
         println!(
             "qpnet flow: {} owner={} state={} tx_bytes={} rx_bytes={}",
-            field(f, "flow"),
-            f.get("owner").and_then(json::Value::as_u64).unwrap_or(99),
-            field(f, "state"),
-            f.get("tx_bytes").and_then(json::Value::as_u64).unwrap_or(0),
-            f.get("rx_bytes").and_then(json::Value::as_u64).unwrap_or(0),
+            f.flow, f.owner, f.state, f.tx_bytes, f.rx_bytes,
         );
-        let is_iperf = field(f, "protocol") == "tcp"
-            && field(f, "guest_addr") == FIRST_GUEST_ADDR
-            && field(f, "remote_addr") == HOST_ADDR
-            && f.get("remote_port").and_then(json::Value::as_u64) == Some(IPERF_PORT);
+        let is_iperf = f.protocol == "tcp"
+            && f.guest_addr == FIRST_GUEST_ADDR
+            && f.remote_addr == HOST_ADDR
+            && f.remote_port == IPERF_PORT;
         if is_iperf {
-            let guest_port = f
-                .get("guest_port")
-                .and_then(json::Value::as_u64)
-                .unwrap_or(0);
             ensure!(
-                field(f, "flow")
-                    == format!("tcp {FIRST_GUEST_ADDR}:{guest_port} <-> {HOST_ADDR}:{IPERF_PORT}"),
+                f.flow
+                    == format!(
+                        "tcp {FIRST_GUEST_ADDR}:{} <-> {HOST_ADDR}:{IPERF_PORT}",
+                        f.guest_port
+                    ),
                 "an iperf3 flow is printed as {:?}",
-                field(f, "flow")
+                f.flow
             );
             iperf.push(f);
         }
@@ -244,18 +238,13 @@ fn check_qpnet_flows(bed: &GuestBed) -> Result<()> {
     ensure!(
         iperf.len() >= QUEUE_PAIRS,
         "qpnet's flow table lists {} iperf3 connections of the guest \
-         ({FIRST_GUEST_ADDR} <-> {HOST_ADDR}:{IPERF_PORT}), expected several:\n{text}",
-        iperf.len()
+         ({FIRST_GUEST_ADDR} <-> {HOST_ADDR}:{IPERF_PORT}), expected several:\n{}",
+        iperf.len(),
+        doc.brief()
     );
-    let totals = doc.get("totals").context("no \"totals\" in qpnet stats")?;
-    let count = |key: &str| {
-        totals
-            .get(key)
-            .and_then(json::Value::as_u64)
-            .with_context(|| format!("no numeric totals.{key}"))
-    };
-    let (tracked, misses) = (count("tracked_frames")?, count("flow_affinity_misses")?);
-    ensure!(tracked > 0, "no tracked frames:\n{text}");
+    let tracked = doc.totals.counter("tracked_frames")?;
+    let misses = doc.totals.counter("flow_affinity_misses")?;
+    ensure!(tracked > 0, "no tracked frames:\n{}", doc.brief());
     let affinity = 100.0 - misses as f64 * 100.0 / tracked as f64;
     println!(
         "qpnet flow affinity: {affinity:.3}% ({misses} misses of {tracked} tracked frames), \
@@ -317,126 +306,22 @@ impl GuestBed {
         self.bed.start_guest(self.qpnet.socket(), label, &args)
     }
 
-    /// Per-queue counters from `qpnet stats --name NAME --json`.
-    fn qpnet_queue_stats(&self) -> Result<Vec<QueueCounters>> {
-        let text = self.qpnet_stats_text(&["--json"])?;
-        QueueCounters::from_stats_json(&text)
-            .with_context(|| format!("reading qpnet stats --json output:\n{text}"))
-    }
-
-    /// `qpnet stats --name NAME ARGS`, which must succeed; its stdout.
-    fn qpnet_stats_text(&self, args: &[&str]) -> Result<String> {
-        let out = self.qpnet.stats_command(args)?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        ensure!(
-            out.status.success(),
-            "qpnet stats {args:?} exited with {}: {}{}",
-            out.status,
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(text)
-    }
-
     /// Print every log the test collected (on failure).
     fn print_logs(&self) {
         qpnet_tests::guest::print_tail("qpnet stderr", &self.qpnet.stderr());
         self.bed.print_logs();
     }
 
-    /// Success: the scratch directory (logs) can go.
-    fn finish(mut self) {
-        self.bed.finish();
+    /// Success: qpnet must stop cleanly (a checked SIGTERM), then the
+    /// scratch directory (logs) can go; it stays if the stop failed.
+    fn finish(self) -> Result<()> {
+        let GuestBed {
+            qpnet,
+            _iperf3,
+            mut bed,
+        } = self;
+        qpnet.stop()?;
+        bed.finish();
+        Ok(())
     }
-}
-
-/// What the test checks of one queue pair in `qpnet stats --json`.
-struct QueueCounters {
-    queue_pair: u64,
-    tx_frames: u64,
-    rx_frames: u64,
-}
-
-impl QueueCounters {
-    /// The `queues` array of the stats document: objects with `queue_pair`,
-    /// `tx_frames` and `rx_frames` (and more, ignored).
-    fn from_stats_json(text: &str) -> Result<Vec<QueueCounters>> {
-        let doc = json::parse(text)?;
-        let queues = doc
-            .get("queues")
-            .and_then(json::Value::as_array)
-            .context("no \"queues\" array")?;
-        queues
-            .iter()
-            .map(|q| {
-                let field = |key: &str| {
-                    q.get(key)
-                        .and_then(json::Value::as_u64)
-                        .with_context(|| format!("queue entry without a numeric {key:?}"))
-                };
-                Ok(QueueCounters {
-                    queue_pair: field("queue_pair")?,
-                    tx_frames: field("tx_frames")?,
-                    rx_frames: field("rx_frames")?,
-                })
-            })
-            .collect()
-    }
-}
-
-#[test]
-fn stats_json_queues_are_read() {
-    let text = r#"{
-      "name": "x", "primary_pid": 12, "vmm_connected": true, "queue_pairs": 2,
-      "queues": [
-        {"queue_pair": 0, "tx_frames": 5, "rx_frames": 7, "state": "running", "heartbeat_age_ms": null},
-        {"queue_pair": 1, "tx_frames": 0, "rx_frames": 18446744073709551615, "state": "a\"b\\c"}
-      ],
-      "totals": {"tx_frames": 5, "rx_frames": 1.5e3, "list": [], "o": {}}
-    }"#;
-    let queues = QueueCounters::from_stats_json(text).unwrap();
-    assert_eq!(queues.len(), 2);
-    assert_eq!(
-        (
-            queues[0].queue_pair,
-            queues[0].tx_frames,
-            queues[0].rx_frames
-        ),
-        (0, 5, 7)
-    );
-    assert_eq!(
-        (
-            queues[1].queue_pair,
-            queues[1].tx_frames,
-            queues[1].rx_frames
-        ),
-        (1, 0, u64::MAX)
-    );
-    assert!(QueueCounters::from_stats_json("{\"queues\": [ {\"queue_pair\": 0} ]}").is_err());
-    let doc = json::parse(text).unwrap();
-    let q1 = &doc.get("queues").unwrap().as_array().unwrap()[1];
-    assert_eq!(
-        q1.get("state").and_then(json::Value::as_str),
-        Some("a\"b\\c")
-    );
-    assert_eq!(
-        doc.get("vmm_connected").and_then(json::Value::as_bool),
-        Some(true)
-    );
-    assert_eq!(doc.get("name").and_then(json::Value::as_bool), None);
-    assert!(json::parse("{\"a\": 1} x").is_err());
-}
-
-#[test]
-fn guest_result_lines_are_read() {
-    use qpnet_tests::guest::ResultLine;
-    let r = ResultLine::parse("QPNET-RESULT iperf-tx ok gbps=0.932 bytes=585760768 retransmits=0")
-        .unwrap();
-    assert!(r.ok());
-    assert_eq!(r.step, "iperf-tx");
-    assert_eq!(r.number("bytes").unwrap(), 585760768);
-    assert!(r.number("gbps").is_err());
-    let f = ResultLine::parse("QPNET-RESULT ping fail reason=no-reply waited_s=60").unwrap();
-    assert!(!f.ok());
-    assert!(ResultLine::parse("[ 3.1] virtio_net").is_none());
 }
