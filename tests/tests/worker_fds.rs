@@ -184,8 +184,6 @@ fn workers_hold_only_their_control_socket_and_what_they_were_handed() -> Result<
 /// An fd that qpnet itself inherited without close-on-exec must not reach
 /// its workers either: "exec'd without any fd but their control socket".
 #[test]
-#[ignore = "qpnet defect: workers inherit every fd qpnet inherited without close-on-exec \
-            (the worker spawn closes nothing beyond its own close-on-exec fds)"]
 fn workers_do_not_inherit_fds_qpnet_inherited() -> Result<()> {
     let (read_end, _write_end) = nix::unistd::pipe()?;
     // A high number, so it cannot be mistaken for anything qpnet opens.

@@ -15,7 +15,8 @@
 //! only system calls (dup2 of stdio, `signal(SIGPIPE)`) before our
 //! `pre_exec` closure, whose calls are all async-signal-safe system calls:
 //! the control socket moved to fd 3 (dup2, or fcntl to clear its
-//! close-on-exec), `PR_SET_PDEATHSIG = SIGKILL` so the worker dies with the
+//! close-on-exec), every fd above 3 made close-on-exec (close_range), so a
+//! worker starts with fds 0-3 only, `PR_SET_PDEATHSIG = SIGKILL` so the worker dies with the
 //! primary, a check that the primary did not die during the fork, and an
 //! empty signal mask (std keeps the parent's, and the primary blocks the
 //! signals its signalfd reads). Its errors are plain errno values; std
@@ -116,6 +117,23 @@ fn prepare_child(control: BorrowedFd<'_>, primary: Pid) -> std::io::Result<()> {
         // SAFETY: fd 3 in this child is ours to replace (anything there
         // was close-on-exec); it stays open, unowned, into the exec.
         let _ = unsafe { dup2_raw(control, WORKER_CONTROL_FD) }?.into_raw_fd();
+    }
+    // Everything above fd 3 is close-on-exec from here: fds the primary
+    // itself inherited without CLOEXEC (from its parent's shell, say) never
+    // reach a worker. Marked, not closed, so std's exec-error pipe (already
+    // close-on-exec) still reports a failed exec.
+    // SAFETY: close_range only changes fd flags in this (child) process; it
+    // touches no memory and is async-signal-safe (a plain system call).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            (WORKER_CONTROL_FD + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
     if getppid() != primary {
