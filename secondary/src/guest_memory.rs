@@ -5,13 +5,15 @@
 //! primary ran on the VMM's table (`qpnet_ipc::memory_table`): non-empty, no
 //! address overflow, no overlap with another region, page-aligned file
 //! offset, and a regular file at least as long as the mapping (touching a
-//! page past EOF would kill the worker with SIGBUS). The regions are mapped with vm-memory
-//! (`GuestMemoryMmap`), which virtio-queue uses to read and write the rings.
-//! For the packet path a sorted table of (guest address, length, host
-//! pointer) turns a descriptor's buffer into host iovecs with one binary
-//! search, so frames go to and from the TAP without a copy. Guest memory may
-//! start at any address (DPDK's virtio-user uses its own virtual addresses);
-//! nothing here assumes it starts at 0.
+//! page past EOF would kill the worker with SIGBUS). The regions are mapped
+//! with vm-memory (`GuestMemoryMmap`), which virtio-queue uses to read and
+//! write the rings. For the packet path a sorted table of (guest address,
+//! length, host pointer) turns a descriptor's buffer into host iovecs with
+//! one binary search ([`GuestMemoryMap::translate`]), so frames go to and
+//! from the TAP without a copy; the iovec list borrows this map, so no host
+//! pointer outlives the mapping it points into. Guest memory may start at any
+//! address (DPDK's virtio-user uses its own virtual addresses); nothing here
+//! assumes it starts at 0.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
