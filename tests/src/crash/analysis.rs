@@ -259,13 +259,9 @@ fn check_tx_accounting(records: &Records, kills: &[KillEvent], a: &mut Analysis)
             }
             let extra = u64::from(c - 1);
             a.tx_dups += extra;
-            let s = seq as u64;
-            let by = kills
-                .iter()
-                .position(|k| k.queue == q && k.used_before <= s && s < k.avail_after);
-            match by {
-                Some(k) if extra == 1 => a.kills[k].tx_dups += 1,
-                _ => unexplained.push((seq, c)),
+            match duplicate_causes(kills, q, seq as u64, extra as usize) {
+                Some(by) => by.into_iter().for_each(|k| a.kills[k].tx_dups += 1),
+                None => unexplained.push((seq, c)),
             }
         }
         if !unexplained.is_empty() {
@@ -277,6 +273,22 @@ fn check_tx_accounting(records: &Records, kills: &[KillEvent], a: &mut Analysis)
             ));
         }
     }
+}
+
+/// The kills that explain `extra` surplus copies of TX frame `seq` of
+/// queue `q`, or `None` if they cannot. Each worker sends a chain at most
+/// once, so a chain in flight at n kills (kills back to back, each before
+/// the chain was marked used) may arrive up to n + 1 times: one extra copy
+/// per such kill.
+fn duplicate_causes(kills: &[KillEvent], q: usize, seq: u64, extra: usize) -> Option<Vec<usize>> {
+    let by: Vec<usize> = kills
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k.queue == q && k.used_before <= seq && seq < k.avail_after)
+        .map(|(i, _)| i)
+        .take(extra)
+        .collect();
+    (by.len() == extra).then_some(by)
 }
 
 /// RX: intact, never twice, lost only just before a kill of their queue.
@@ -381,6 +393,36 @@ mod tests {
         let arrivals = [arr(0, 5), arr(1, 6), arr(1, 50), arr(2, 51)];
         let s = service_stalls(&arrivals, &pushed);
         assert_eq!(worst_stall(&s, 0, 100), 1);
+    }
+
+    fn kill(queue: usize, used_before: u64, avail_after: u64) -> KillEvent {
+        KillEvent {
+            queue,
+            pid: 1,
+            signal: "SIGKILL",
+            at_ns: 0,
+            effective_ns: 0,
+            used_before,
+            avail_after,
+            first_new_seq: avail_after,
+            replaced_ns: None,
+            runq_wait_ns: None,
+            others_runq_wait_ns: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_kill_explains_one_copy_of_a_chain_in_flight_at_it() {
+        // Frame 208 in flight at two kills of queue 1 back to back.
+        let kills = [kill(1, 200, 210), kill(0, 0, 300), kill(1, 208, 212)];
+        assert_eq!(duplicate_causes(&kills, 1, 208, 1), Some(vec![0]));
+        assert_eq!(duplicate_causes(&kills, 1, 208, 2), Some(vec![0, 2]));
+        assert_eq!(duplicate_causes(&kills, 1, 208, 3), None);
+        // In flight at one kill only: one extra copy at most.
+        assert_eq!(duplicate_causes(&kills, 1, 205, 2), None);
+        // Another queue's kill explains nothing; nor does a used chain.
+        assert_eq!(duplicate_causes(&kills, 1, 250, 1), None);
+        assert_eq!(duplicate_causes(&kills, 1, 199, 1), None);
     }
 
     #[test]
