@@ -27,6 +27,7 @@ use qpnet_tests::crash::bed::{
     vmm_config, wait_all_flowing, wait_replaced, worker_of, PrimaryUse, Rng, QPS,
     QUICK_CRASHES_BEFORE_BACKOFF, QUICK_LIFETIME,
 };
+use qpnet_tests::crash::rx_accounting::RX_UNEXPLAINED;
 use qpnet_tests::crash::verdict::{
     check_kills, report, KILL_WINDOW_NS, RECOVERY_LIMIT_NS, RX_IN_FLIGHT_MAX,
 };
@@ -61,6 +62,9 @@ fn one_kill_under_load_recovers_fast_and_leaves_the_others_alone() -> Result<()>
     bed.finish()
 }
 
+/// Load before the first kill of a campaign.
+const WARM_UP: Duration = Duration::from_secs(3);
+
 /// `kills` SIGKILLs at random moments over the four queue pairs, one at a
 /// time, each worker killed young at most three times in a row (so the
 /// primary's back-off never applies).
@@ -71,6 +75,10 @@ fn kill_campaign(bed: &Testbed, view: &LoadView<'_>, kills: usize) -> Result<Vec
     let mut quick = vec![0u32; n];
     let mut events = Vec::with_capacity(kills);
     wait_all_flowing(view)?;
+    // The first seconds of a fresh qpnet under load are noisier on this
+    // 2-CPU machine (caches, first page faults): kills are judged in the
+    // steady state.
+    std::thread::sleep(WARM_UP);
     let started = Instant::now();
     while events.len() < kills {
         std::thread::sleep(Duration::from_millis(rng.below(60)));
@@ -87,20 +95,6 @@ fn kill_campaign(bed: &Testbed, view: &LoadView<'_>, kills: usize) -> Result<Vec
         let young = now - seen_at[q] < QUICK_LIFETIME;
         let primary = bed.qpnet.primary();
         let primary_wait = primary.runq_wait_ns();
-        let others: Vec<Option<(ProcHandle, u64)>> = (0..n)
-            .map(|o| {
-                let pid = worker_of(bed, o)
-                    .ok()
-                    .map(|(pid, _, _)| pid)
-                    .filter(|&p| p != 0)?;
-                if o == q {
-                    return None;
-                }
-                let w = ProcHandle::of(pid).ok()?;
-                let wait = w.runq_wait_ns()?;
-                Some((w, wait))
-            })
-            .collect();
         let mut ev = signal_worker(bed, view, q, Signal::SIGKILL)?;
         quick[q] = if young { quick[q] + 1 } else { 0 };
         let (new_pid, seen) = wait_replaced(bed, q, ev.pid, Duration::from_secs(5))?;
@@ -116,20 +110,12 @@ fn kill_campaign(bed: &Testbed, view: &LoadView<'_>, kills: usize) -> Result<Vec
         // The next kill only once this one is over, so that no kill's window
         // holds another kill's recovery.
         view.wait_forwarded(q, ev.first_new_seq, Duration::from_secs(5))?;
-        // The other workers' CPU waits over the 100 ms stall window.
-        let window_end = ev.at_ns + 100_000_000;
+        // No kill in another kill's 100 ms stall window.
+        let window_end = ev.at_ns + KILL_WINDOW_NS;
         let now_ns = realtime_ns();
         if now_ns < window_end {
             std::thread::sleep(Duration::from_nanos(window_end - now_ns));
         }
-        ev.others_runq_wait_ns = others
-            .iter()
-            .map(|o| {
-                o.as_ref()
-                    .and_then(|(w, before)| w.runq_wait_ns().map(|a| a.saturating_sub(*before)))
-                    .unwrap_or(0)
-            })
-            .collect();
         events.push(ev);
         if events.len() % 100 == 0 {
             eprintln!("{} kills in {:?}", events.len(), started.elapsed());
@@ -165,6 +151,11 @@ fn a_thousand_kills_under_load_each_recover_and_leak_nothing() -> Result<()> {
     let (kills, a, before, after) = thousand_kills(&mut bed)?;
     report("1000 SIGKILLs under load", &a, &kills);
     eprintln!("primary before: {before:?}, after: {after:?}");
+    let table = bed.qpnet.stats_json(&[])?.flow_table;
+    eprintln!(
+        "flow-table stripes repaired after a worker died holding their lock: {}",
+        table.repairs
+    );
     let workers = bed
         .qpnet
         .wait_workers(usize::from(QPS), Duration::from_secs(5))?;
@@ -260,10 +251,8 @@ fn multi_buffer_rx_frames_stay_whole_across_worker_kills() -> Result<()> {
     // not a split frame: such losses are reported and bounded (at most one
     // in 10,000), while corruption, duplicates and a used index inside a
     // frame still fail outright.
-    let (overload, broken): (Vec<&String>, Vec<&String>) = a
-        .problems
-        .iter()
-        .partition(|p| p.contains("lost with no kill of their queue pair to explain them"));
+    let (overload, broken): (Vec<&String>, Vec<&String>) =
+        a.problems.iter().partition(|p| p.contains(RX_UNEXPLAINED));
     ensure!(broken.is_empty(), "broken invariants: {broken:#?}");
     let unexplained = a.rx_lost - a.kills.iter().map(|k| k.rx_lost).sum::<u64>();
     eprintln!("RX frames lost with no kill near them (overload): {unexplained} {overload:?}");

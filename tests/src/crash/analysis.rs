@@ -9,17 +9,21 @@
 //! - duplicates: a frame may arrive twice only if its chain was in flight
 //!   at the kill (made available, used index not yet published:
 //!   `used_before..avail_after` of that kill); TX never loses a frame;
-//! - RX: frames may be lost only if sent shortly before a kill of the
-//!   queue pair their flow lands on (the dead worker had read them but not
-//!   published them); never duplicated, never corrupted.
+//! - RX ([`super::rx_accounting`]): frames may be lost only if the dead
+//!   worker can have held them; never duplicated, never corrupted.
+//!
+//! Stalls are measured in [`super::stalls`], TX and RX alike; each worst
+//! stall carries the CPU wait sampled inside it ([`super::cpu_wait`]).
 
-use std::collections::{BTreeSet, HashMap};
+use super::records::{Arrival, Records};
+use super::rx_accounting as rx;
+use super::stalls::{worst_stall, Direction, QueueStalls, Stall};
 
-use super::records::{Arrival, Records, RxArrival};
-
-/// A lost RX frame must have been sent at most this long before the kill
-/// that explains it.
-const RX_LOSS_HORIZON_NS: u64 = 1_000_000_000;
+/// What the report counts as a long stall (the limit).
+pub const LONG_STALL_NS: u64 = 10_000_000;
+/// How long before the replacement was seen a late replacement's window
+/// opens (the watchdog's kill comes a little before).
+const REPLACEMENT_LEAD_NS: u64 = 50_000_000;
 /// Length of the stretch before each kill whose stalls serve as baseline.
 pub const BASELINE_NS: u64 = 50_000_000;
 
@@ -50,10 +54,51 @@ pub struct KillEvent {
     /// CPU between the kill and the replacement being seen (schedstat): how
     /// much of the recovery the machine's load took.
     pub runq_wait_ns: Option<u64>,
-    /// Per queue pair, how long its worker spent runnable but waiting for a
-    /// CPU in the 100 ms after the kill (0 for the killed queue pair, and
-    /// when unknown): the part of a stall the machine, not qpnet, caused.
-    pub others_runq_wait_ns: Vec<u64>,
+}
+
+#[cfg(test)]
+impl KillEvent {
+    /// A SIGKILL of queue pair `queue` at `at_ns` that took effect 1 ns
+    /// later, with empty TX rings (unit tests).
+    pub(crate) fn at(queue: usize, at_ns: u64) -> KillEvent {
+        KillEvent {
+            queue,
+            pid: 1,
+            signal: "SIGKILL",
+            at_ns,
+            effective_ns: at_ns + 1,
+            used_before: 0,
+            avail_after: 0,
+            first_new_seq: 0,
+            replaced_ns: None,
+            runq_wait_ns: None,
+        }
+    }
+}
+
+/// A queue pair's worst stall in a kill's window, and the CPU wait of its
+/// worker and the driver thread inside that stall.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorstStall {
+    /// Its length (0: none).
+    pub ns: u64,
+    /// Which queue pair stalled.
+    pub queue: usize,
+    /// CPU wait of that queue pair's worker plus the load's driver thread
+    /// during the stall itself ([`super::cpu_wait::CpuWaits::during`]).
+    pub cpu_wait_ns: u64,
+}
+
+/// The long stalls of a run away from its kills.
+#[derive(Debug, Clone, Default)]
+pub struct AwayStalls {
+    /// Each stall over [`LONG_STALL_NS`] that ended outside every kill's
+    /// window, with the CPU wait inside it.
+    pub long: Vec<WorstStall>,
+    /// Queue-pair-direction time inside kill windows (ns).
+    pub near_stream_ns: u64,
+    /// Queue-pair-direction time outside them (ns).
+    pub away_stream_ns: u64,
 }
 
 /// What one kill did.
@@ -67,19 +112,29 @@ pub struct KillOutcome {
     pub replaced_ns: Option<u64>,
     /// See [`KillEvent::runq_wait_ns`].
     pub runq_wait_ns: Option<u64>,
-    /// The other queue pairs' worst service stall in the kill's window.
-    pub others_stall_ns: u64,
-    /// Which queue pair that was.
-    pub others_stall_queue: usize,
-    /// The same queue pairs' worst stall in the [`BASELINE_NS`] before the
-    /// kill: what the machine does to them without a kill.
+    /// The other queue pairs' worst TX stall in the kill's window.
+    pub others_tx: WorstStall,
+    /// The other queue pairs' worst RX stall in the kill's window.
+    pub others_rx: WorstStall,
+    /// The same queue pairs' worst stall (TX or RX) in the [`BASELINE_NS`]
+    /// before the kill: what the machine does to them without a kill.
     pub others_stall_before_ns: u64,
     /// TX chains in flight at the kill (upper bound: avail_after - used_before).
     pub tx_in_flight: u64,
     /// TX frames that arrived twice because of this kill.
     pub tx_dups: u64,
+    /// RX frames sent to the killed queue pair's flows before the signal
+    /// took effect and not reaped before the kill: all it could have held.
+    pub rx_in_flight: u64,
     /// RX frames this kill cost.
     pub rx_lost: u64,
+}
+
+impl KillOutcome {
+    /// The worse of the two stalls.
+    pub fn others_worst(&self) -> WorstStall {
+        worse(self.others_tx, self.others_rx)
+    }
 }
 
 /// The verdict on a whole run.
@@ -92,59 +147,75 @@ pub struct Analysis {
     pub problems: Vec<String>,
     /// The worst service stall of any queue pair away from every kill
     /// (more than `window` after the last kill, before the next): the
-    /// machine's own noise.
+    /// machine's own noise, reported for comparison.
     pub quiet_stall_ns: u64,
+    /// Stalls over [`LONG_STALL_NS`] away from every kill's window (with
+    /// the CPU wait inside each), and the time inside and outside the
+    /// windows: the machine's own rate of long stalls.
+    pub away: AwayStalls,
     /// Distinct TX frames that arrived.
     pub tx_frames: u64,
     /// TX duplicates in total.
     pub tx_dups: u64,
+    /// RX frames sent.
+    pub rx_sent: u64,
     /// RX frames that arrived.
     pub rx_frames: u64,
     /// RX frames lost in total.
     pub rx_lost: u64,
+    /// Queue pairs no RX test frame arrived on at all.
+    pub rx_silent_queues: Vec<usize>,
 }
 
-/// A time some queue pair had a frame waiting and delivered nothing.
-#[derive(Debug, Clone, Copy)]
-struct Stall {
-    /// The arrival before this one.
-    prev: u64,
-    start: u64,
-    end: u64,
-}
+/// CPU wait of the threads on a frame's path of queue pair `q` during
+/// `[start, end]`.
+type PathWait<'a> = &'a dyn Fn(usize, u64, u64) -> u64;
 
-/// The service stalls of one queue, in arrival order.
-fn service_stalls(arrivals: &[Arrival], pushed_at: &[u64]) -> Vec<Stall> {
-    let mut seen = BTreeSet::new();
-    let mut stalls = Vec::with_capacity(arrivals.len());
-    let mut prev: Option<u64> = None;
-    for a in arrivals {
-        let first = seen.insert(a.seq);
-        if let (true, Some(p), Some(&pushed)) = (first, prev, pushed_at.get(a.seq as usize)) {
-            let start = p.max(pushed);
-            if a.at_ns > start {
-                stalls.push(Stall {
-                    prev: p,
-                    start,
-                    end: a.at_ns,
-                });
+/// The worst stall of the queue pairs other than `killed` in `[t0, t1]`.
+fn others_worst(
+    stalls: &[Vec<Stall>],
+    killed: usize,
+    (t0, t1): (u64, u64),
+    cpu: PathWait<'_>,
+) -> WorstStall {
+    let mut worst = WorstStall::default();
+    for (q, s) in stalls.iter().enumerate().filter(|(q, _)| *q != killed) {
+        if let Some(st) = worst_stall(s, t0, t1) {
+            if st.ns() > worst.ns {
+                worst = WorstStall {
+                    ns: st.ns(),
+                    queue: q,
+                    cpu_wait_ns: cpu(q, st.start, st.end),
+                };
             }
         }
-        prev = Some(prev.map_or(a.at_ns, |p| p.max(a.at_ns)));
     }
-    stalls
+    worst
 }
 
-/// The longest stall overlapping `[t0, t1]` (and which started by `t1`).
-fn worst_stall(stalls: &[Stall], t0: u64, t1: u64) -> u64 {
-    let from = stalls.partition_point(|s| s.end < t0);
-    stalls[from..]
-        .iter()
-        .take_while(|s| s.prev <= t1)
-        .filter(|s| s.start <= t1)
-        .map(|s| s.end - s.start)
-        .max()
-        .unwrap_or(0)
+fn worse(a: WorstStall, b: WorstStall) -> WorstStall {
+    if b.ns > a.ns {
+        b
+    } else {
+        a
+    }
+}
+
+/// The stretches after kill `k` in which the other queue pairs are held to
+/// their stall limit: `window_ns` from the signal, and, when the worker was
+/// replaced later than that (a wedged worker, killed by the watchdog), again
+/// around the replacement. Each ends at the next kill.
+fn kill_windows(kills: &[KillEvent], k: usize, window_ns: u64) -> Vec<(u64, u64)> {
+    let ev = &kills[k];
+    let next = kills.get(k + 1).map_or(u64::MAX, |n| n.at_ns);
+    let mut windows = vec![(ev.at_ns, (ev.at_ns + window_ns).min(next))];
+    if let Some(r) = ev.replaced_ns.filter(|&r| r > ev.at_ns + window_ns) {
+        windows.push((
+            r.saturating_sub(REPLACEMENT_LEAD_NS),
+            (r + window_ns).min(next),
+        ));
+    }
+    windows
 }
 
 /// Judge `kills` against `records`. `window_ns`: how long after a kill the
@@ -154,13 +225,11 @@ pub fn analyze(records: &Records, kills: &[KillEvent], window_ns: u64) -> Analys
         kills: vec![KillOutcome::default(); kills.len()],
         ..Analysis::default()
     };
+    let stalls = QueueStalls::of(records);
     let mut arrivals = records.tx_arrivals.clone();
     for v in &mut arrivals {
         v.sort_by_key(|x| x.at_ns);
     }
-    let stalls: Vec<Vec<Stall>> = (0..records.queues)
-        .map(|q| service_stalls(&arrivals[q], &records.pushed_at[q]))
-        .collect();
     for (k, ev) in kills.iter().enumerate() {
         let out = &mut a.kills[k];
         out.tx_in_flight = ev.avail_after.saturating_sub(ev.used_before);
@@ -172,24 +241,44 @@ pub fn analyze(records: &Records, kills: &[KillEvent], window_ns: u64) -> Analys
             ev.effective_ns.max(ev.at_ns),
         )
         .map(|at| at - ev.at_ns);
-        let next = kills.get(k + 1).map_or(u64::MAX, |n| n.at_ns);
-        let t1 = (ev.at_ns + window_ns).min(next);
-        for (q, s) in stalls.iter().enumerate() {
-            if q == ev.queue {
-                continue;
-            }
-            let w = worst_stall(s, ev.at_ns, t1);
-            if w >= out.others_stall_ns {
-                out.others_stall_ns = w;
-                out.others_stall_queue = q;
-            }
-            let before = worst_stall(s, ev.at_ns.saturating_sub(BASELINE_NS), ev.at_ns);
-            out.others_stall_before_ns = out.others_stall_before_ns.max(before);
+        let cpu = &records.cpu;
+        for window in kill_windows(kills, k, window_ns) {
+            let tx = others_worst(&stalls.tx, ev.queue, window, &|q, s, e| {
+                cpu.during_tx(q, s, e)
+            });
+            let rx = others_worst(&stalls.rx, ev.queue, window, &|q, s, e| {
+                cpu.during_rx(q, s, e)
+            });
+            out.others_tx = worse(out.others_tx, tx);
+            out.others_rx = worse(out.others_rx, rx);
         }
+        let before = (ev.at_ns.saturating_sub(BASELINE_NS), ev.at_ns);
+        let none = |_, _, _| 0;
+        out.others_stall_before_ns = others_worst(&stalls.tx, ev.queue, before, &none)
+            .ns
+            .max(others_worst(&stalls.rx, ev.queue, before, &none).ns);
     }
-    a.quiet_stall_ns = quiet_stall(&stalls, kills, window_ns);
+    a.quiet_stall_ns = stalls.quiet(kills, window_ns);
+    let away = stalls.away_from_kills(kills, window_ns, LONG_STALL_NS);
+    let cpu = &records.cpu;
+    a.away = AwayStalls {
+        long: away
+            .long
+            .iter()
+            .map(|&(queue, dir, st)| WorstStall {
+                ns: st.ns(),
+                queue,
+                cpu_wait_ns: match dir {
+                    Direction::Tx => cpu.during_tx(queue, st.start, st.end),
+                    Direction::Rx => cpu.during_rx(queue, st.start, st.end),
+                },
+            })
+            .collect(),
+        near_stream_ns: away.near_stream_ns,
+        away_stream_ns: away.away_stream_ns,
+    };
     check_tx_accounting(records, kills, &mut a);
-    check_rx(records, kills, &mut a);
+    rx::check(records, kills, &mut a);
     for r in &records.rings {
         if let Some(p) = r.leak() {
             a.problems.push(format!("descriptor leak: {p}"));
@@ -199,29 +288,12 @@ pub fn analyze(records: &Records, kills: &[KillEvent], window_ns: u64) -> Analys
 }
 
 /// When the first frame of the queue published after `after` arrived.
-fn first_new_arrival(arrivals: &[Arrival], pushed_at: &[u64], after: u64) -> Option<u64> {
+pub fn first_new_arrival(arrivals: &[Arrival], published_at: &[u64], after: u64) -> Option<u64> {
     let from = arrivals.partition_point(|x| x.at_ns < after);
     arrivals[from..]
         .iter()
-        .find(|x| pushed_at.get(x.seq as usize).is_some_and(|&p| p > after))
+        .find(|x| published_at.get(x.seq as usize).is_some_and(|&p| p > after))
         .map(|x| x.at_ns)
-}
-
-/// The worst stall of any queue pair in stretches with no kill in or just
-/// before them.
-fn quiet_stall(stalls: &[Vec<Stall>], kills: &[KillEvent], window_ns: u64) -> u64 {
-    let near_kill = |s: &Stall| {
-        kills
-            .iter()
-            .any(|k| s.end >= k.at_ns && s.start <= k.at_ns + window_ns)
-    };
-    stalls
-        .iter()
-        .flatten()
-        .filter(|s| !near_kill(s))
-        .map(|s| s.end - s.start)
-        .max()
-        .unwrap_or(0)
 }
 
 /// TX: every frame arrived, intact; duplicates only of chains in flight at
@@ -291,79 +363,6 @@ fn duplicate_causes(kills: &[KillEvent], q: usize, seq: u64, extra: usize) -> Op
     (by.len() == extra).then_some(by)
 }
 
-/// RX: intact, never twice, lost only just before a kill of their queue.
-fn check_rx(records: &Records, kills: &[KillEvent], a: &mut Analysis) {
-    if !records.rx_corrupt.is_empty() {
-        a.problems
-            .push(format!("corrupt RX frames: {:?}", records.rx_corrupt));
-    }
-    if records.rx_used_index_inside_frame > 0 {
-        a.problems.push(format!(
-            "the RX used index was published inside a frame {} times",
-            records.rx_used_index_inside_frame
-        ));
-    }
-    let sent = records.rx_sent_at.len();
-    let mut count = vec![0u32; sent];
-    let mut flow_queues: HashMap<u16, BTreeSet<usize>> = HashMap::new();
-    let mut per_queue: Vec<Vec<RxArrival>> = vec![Vec::new(); records.queues];
-    for x in &records.rx_arrivals {
-        match count.get_mut(x.seq as usize) {
-            Some(c) => *c += 1,
-            None => a
-                .problems
-                .push(format!("RX frame {} arrived but was never sent", x.seq)),
-        }
-        flow_queues
-            .entry(x.flow)
-            .or_default()
-            .insert(usize::from(x.queue));
-        per_queue[usize::from(x.queue)].push(*x);
-    }
-    let dups: Vec<usize> = (0..sent).filter(|&s| count[s] > 1).collect();
-    if !dups.is_empty() {
-        a.problems.push(format!(
-            "{} RX frames arrived more than once, first {:?}",
-            dups.len(),
-            &dups[..dups.len().min(10)]
-        ));
-    }
-    a.rx_frames = count.iter().filter(|&&c| c > 0).count() as u64;
-    let flows = u32::from(records.rx_flows.max(1));
-    let mut unexplained = Vec::new();
-    for seq in (0..sent).filter(|&s| count[s] == 0) {
-        a.rx_lost += 1;
-        let flow = (seq as u32 % flows) as u16;
-        let t = records.rx_sent_at[seq];
-        let queues = flow_queues.get(&flow);
-        let by = kills.iter().position(|k| {
-            queues.is_some_and(|qs| qs.contains(&k.queue))
-                && k.at_ns >= t
-                && k.at_ns - t <= RX_LOSS_HORIZON_NS
-        });
-        match by {
-            Some(k) => a.kills[k].rx_lost += 1,
-            None => unexplained.push(seq),
-        }
-    }
-    if !unexplained.is_empty() {
-        a.problems.push(format!(
-            "{} RX frames lost with no kill of their queue pair to explain them, first {:?}",
-            unexplained.len(),
-            &unexplained[..unexplained.len().min(10)]
-        ));
-    }
-    for (k, ev) in kills.iter().enumerate() {
-        let list = &per_queue[ev.queue];
-        let after = ev.effective_ns.max(ev.at_ns);
-        let from = list.partition_point(|x| x.at_ns < after);
-        a.kills[k].rx_recovery_ns = list[from..]
-            .iter()
-            .find(|x| records.rx_sent_at[x.seq as usize] > after)
-            .map(|x| x.at_ns - ev.at_ns);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,43 +371,36 @@ mod tests {
         Arrival { seq, at_ns }
     }
 
-    #[test]
-    fn stalls_count_only_time_with_work_waiting() {
-        // Frames published at 0, 10, 20, 100 (a generator pause) and 101.
-        let pushed = [0, 10, 20, 100, 101];
-        // Served quickly, except frame 4, which waited until 150.
-        let arrivals = [arr(0, 1), arr(1, 11), arr(2, 21), arr(3, 102), arr(4, 150)];
-        let s = service_stalls(&arrivals, &pushed);
-        let lens: Vec<u64> = s.iter().map(|s| s.end - s.start).collect();
-        // 1->11 starts at publication 10; the pause 21->100 is no stall.
-        assert_eq!(lens, vec![1, 1, 2, 48]);
-        assert_eq!(worst_stall(&s, 0, 200), 48);
-        assert_eq!(worst_stall(&s, 0, 50), 1);
-        assert_eq!(worst_stall(&s, 140, 145), 48);
-    }
-
-    #[test]
-    fn duplicates_do_not_open_stalls() {
-        let pushed = [0, 1, 2];
-        let arrivals = [arr(0, 5), arr(1, 6), arr(1, 50), arr(2, 51)];
-        let s = service_stalls(&arrivals, &pushed);
-        assert_eq!(worst_stall(&s, 0, 100), 1);
-    }
-
     fn kill(queue: usize, used_before: u64, avail_after: u64) -> KillEvent {
         KillEvent {
-            queue,
-            pid: 1,
-            signal: "SIGKILL",
-            at_ns: 0,
-            effective_ns: 0,
             used_before,
             avail_after,
             first_new_seq: avail_after,
-            replaced_ns: None,
-            runq_wait_ns: None,
-            others_runq_wait_ns: Vec::new(),
+            ..KillEvent::at(queue, 0)
         }
+    }
+
+    #[test]
+    fn a_late_replacement_opens_a_second_window() {
+        let ms = 1_000_000;
+        let stop = KillEvent {
+            replaced_ns: Some(1_000 * ms),
+            ..KillEvent::at(1, 0)
+        };
+        assert_eq!(
+            kill_windows(&[stop], 0, 100 * ms),
+            vec![(0, 100 * ms), (950 * ms, 1_100 * ms)]
+        );
+        // A prompt replacement: one window, cut at the next kill.
+        let quick = KillEvent {
+            replaced_ns: Some(3 * ms),
+            ..KillEvent::at(1, 0)
+        };
+        let next = KillEvent::at(2, 60 * ms);
+        assert_eq!(
+            kill_windows(&[quick, next], 0, 100 * ms),
+            vec![(0, 60 * ms)]
+        );
     }
 
     #[test]

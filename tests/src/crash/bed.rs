@@ -5,13 +5,14 @@
 //! Every crash test binary holds the [`TimingLock`] while it runs
 //! ([`serial`]): they measure milliseconds.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use nix::sys::signal::Signal;
 use qpnet_shared::{QueueStats, WorkerState};
 
+use super::cpu_wait::sample_until;
 use super::{analyze, realtime_ns, run_load, unwrap_index};
 use super::{Analysis, KillEvent, LoadConfig, LoadView, Records, StampedTap};
 use crate::proc::ProcHandle;
@@ -127,7 +128,9 @@ pub fn wait_replaced(bed: &Testbed, q: usize, old: u32, timeout: Duration) -> Re
     let r = poll_until(
         &format!("a new worker for queue pair {q} (old pid {old})"),
         timeout,
-        Duration::from_micros(100),
+        // Not faster: the poll competes for the 2 CPUs with the recovery
+        // it waits for (the replacement time is reported, not judged).
+        Duration::from_millis(1),
         || {
             let pid = s.pid.load(Ordering::Acquire);
             let running = s.worker_state() == Some(WorkerState::Running);
@@ -189,7 +192,6 @@ pub fn signal_pid(
         avail_after,
         replaced_ns: None,
         runq_wait_ns: None,
-        others_runq_wait_ns: Vec::new(),
     })
 }
 
@@ -279,10 +281,22 @@ pub fn under_load_with(
 ) -> Result<(Vec<KillEvent>, Records, Analysis)> {
     let (mut vmm, stamped) = connect(bed, config)?;
     let bed_ref: &Testbed = bed;
+    let primary = bed.qpnet.primary().pid();
     let r = run_load(&mut vmm, &bed_ref.tap, &stamped, &load, |view| {
-        control(bed_ref, view)
+        let threads = view.threads()?;
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let sampler = s.spawn(|| sample_until(primary, threads, &stop));
+            let r = control(bed_ref, view);
+            stop.store(true, Ordering::Release);
+            let waits = sampler
+                .join()
+                .map_err(|_| anyhow!("the CPU-wait sampler panicked"))?;
+            Ok((r?, waits?))
+        })
     });
-    let (kills, records) = bed.explain(r)?;
+    let ((kills, cpu), mut records) = bed.explain(r)?;
+    records.cpu = cpu;
     let analysis = analyze(&records, &kills, window_ns);
     Ok((kills, records, analysis))
 }

@@ -13,12 +13,13 @@
 //! When the closure returns, pushing stops, the rings are drained, and the
 //! [`Records`] say what happened.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::cpu_wait::LoadThreads;
 use super::realtime_ns;
 use super::records::{Arrival, Records, RingEnd, RxArrival};
 use super::stamped::StampedTap;
@@ -56,7 +57,10 @@ impl Default for LoadConfig {
         LoadConfig {
             tx_per_queue_per_sec: 1000,
             rx_per_sec: 2000,
-            rx_flows: 16,
+            // Enough that the TAP's hash gives every queue pair RX flows
+            // (with 16 flows over 4 queue pairs one gets none in ~4 % of
+            // runs, and its RX recovery could not be checked).
+            rx_flows: 64,
         }
     }
 }
@@ -73,6 +77,10 @@ struct Live {
     seen_up_to: Vec<AtomicU64>,
     rx_sent: AtomicU64,
     rx_got: Vec<AtomicU64>,
+    /// The driver thread's tid, once it runs (0 before).
+    driver_tid: AtomicU32,
+    /// The RX sender thread's tid, once it runs (0 before).
+    sender_tid: AtomicU32,
 }
 
 /// Reads one ring's indices straight from guest memory.
@@ -116,6 +124,19 @@ impl LoadView<'_> {
     /// RX frames received on queue `q` so far.
     pub fn rx_received(&self, q: usize) -> u64 {
         self.live.rx_got[q].load(Ordering::Acquire)
+    }
+
+    /// The thread ids of the driver thread (which pushes TX frames and
+    /// reaps RX ones) and the RX sender, waiting for them to start.
+    pub fn threads(&self) -> Result<LoadThreads> {
+        let (d, s) = (&self.live.driver_tid, &self.live.sender_tid);
+        crate::wait::wait_for("the load's threads", Duration::from_secs(5), || {
+            d.load(Ordering::Acquire) != 0 && s.load(Ordering::Acquire) != 0
+        })?;
+        Ok(LoadThreads {
+            driver: d.load(Ordering::Acquire),
+            sender: s.load(Ordering::Acquire),
+        })
     }
 
     /// The TX ring of queue pair `q`, read from guest memory.
@@ -178,6 +199,8 @@ pub fn run_load<R>(
         seen_up_to: (0..queues).map(|_| AtomicU64::new(0)).collect(),
         rx_sent: AtomicU64::new(0),
         rx_got: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+        driver_tid: AtomicU32::new(0),
+        sender_tid: AtomicU32::new(0),
     };
     let tx_probes: Vec<RingProbe> = vmm
         .tx
@@ -216,6 +239,7 @@ pub fn run_load<R>(
                 rings: driven.rings,
                 rx_used_index_inside_frame: driven.rx_used_index_inside_frame,
                 rx_multi_buffer: driven.rx_multi_buffer,
+                cpu: Default::default(),
             },
         ))
     })
@@ -241,6 +265,8 @@ struct Driven {
 /// The driver thread: push TX frames every tick, reap TX and RX, and after
 /// the stop, drain everything.
 fn drive(vmm: &mut Vmm, cfg: &LoadConfig, live: &Live) -> Result<Driven> {
+    live.driver_tid
+        .store(nix::unistd::gettid().as_raw() as u32, Ordering::Release);
     let queues = vmm.tx.len();
     let tick = Duration::from_nanos(1_000_000_000 / u64::from(cfg.tx_per_queue_per_sec.max(1)));
     let mut out = Driven {
@@ -393,6 +419,8 @@ fn ring_states(vmm: &Vmm) -> String {
 
 /// The RX sender thread: paced UDP test frames into the TAP.
 fn send_rx(tap: &TapSocket, cfg: &LoadConfig, live: &Live) -> Result<Vec<u64>> {
+    live.sender_tid
+        .store(nix::unistd::gettid().as_raw() as u32, Ordering::Release);
     let mut sent_at = Vec::new();
     if cfg.rx_per_sec == 0 {
         return Ok(sent_at);

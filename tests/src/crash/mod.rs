@@ -8,6 +8,8 @@
 //! - [`records`]: what the run saw ([`Records`]);
 //! - [`analysis`]: [`analyze`] judges each [`KillEvent`] (recovery, the other
 //!   queue pairs' stalls, duplicates, losses, leaks);
+//! - [`cpu_wait`]: every worker's CPU wait sampled each millisecond, so a
+//!   stall is excused only by the machine's share of that very stall;
 //! - [`bed`]: the four-queue-pair test bed, its workers found in the stats
 //!   region and signalled through pinned handles;
 //! - [`verdict`]: the acceptance of every kill ([`check_kills`]) and the
@@ -18,8 +20,11 @@
 
 pub mod analysis;
 pub mod bed;
+pub mod cpu_wait;
 pub mod load;
 pub mod records;
+pub mod rx_accounting;
+pub mod stalls;
 pub mod stamped;
 pub mod verdict;
 

@@ -3,6 +3,8 @@
 //! where it arrived in the guest, and every ring's final indices (for the
 //! descriptor-leak check).
 
+use super::cpu_wait::CpuWaits;
+
 /// One TX frame's arrival on the TAP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Arrival {
@@ -97,6 +99,9 @@ pub struct Records {
     pub rx_used_index_inside_frame: u64,
     /// RX test frames that spanned more than one buffer.
     pub rx_multi_buffer: u64,
+    /// The workers' and the driver's CPU waits over the run (empty when
+    /// not sampled).
+    pub cpu: CpuWaits,
 }
 
 #[cfg(test)]
