@@ -419,7 +419,7 @@ impl RxDriver {
                 continue;
             }
             let mut bytes = vec![0u8; elem.len as usize];
-            self.queue.memory().read(self.buffer(id), &mut bytes);
+            self.queue.memory().read_into(self.buffer(id), &mut bytes);
             self.queue.push_avail(id);
             reposted = true;
             if let Some(frame) = self.absorb(bytes)? {

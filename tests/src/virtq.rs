@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use crate::memory::{BumpAllocator, GuestMemory};
+use anyhow::Context;
+use qpnet_secondary::test_util::{BumpAllocator, GuestMemory};
 
 /// Descriptor flag: the chain continues at `next`.
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -84,9 +85,9 @@ impl RingLayout {
         let n = u64::from(size);
         Ok(RingLayout {
             size,
-            desc: alloc.alloc(DESC_SIZE * n, 16)?,
-            avail: alloc.alloc(6 + 2 * n, 2)?,
-            used: alloc.alloc(6 + 8 * n, 4)?,
+            desc: alloc.alloc(DESC_SIZE * n, 16).context("exhausted")?,
+            avail: alloc.alloc(6 + 2 * n, 2).context("exhausted")?,
+            used: alloc.alloc(6 + 8 * n, 4).context("exhausted")?,
         })
     }
 
@@ -216,17 +217,11 @@ impl SplitQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{RegionLayout, DEFAULT_GPA};
+    use qpnet_secondary::test_util::{RegionLayout, MEM_BASE as DEFAULT_GPA};
 
     #[test]
     fn ring_layout_and_indices_follow_the_spec() {
-        let mem = Arc::new(
-            GuestMemory::new(&[RegionLayout {
-                gpa: DEFAULT_GPA,
-                size: 1 << 20,
-            }])
-            .unwrap(),
-        );
+        let mem = Arc::new(GuestMemory::new(&[RegionLayout::new(DEFAULT_GPA, 1 << 20)]).unwrap());
         let mut alloc = BumpAllocator::new(&mem.regions()[0]);
         let layout = RingLayout::alloc(&mut alloc, 256).unwrap();
         assert_eq!(layout.desc % 16, 0);
@@ -244,7 +239,7 @@ mod tests {
             },
         );
         let mut raw = [0u8; 16];
-        mem.read(layout.desc + 48, &mut raw);
+        mem.read_into(layout.desc + 48, &mut raw);
         assert_eq!(
             raw,
             [0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0xcc, 0xbb, 0xaa, 0x99, 1, 0, 4, 0]

@@ -286,7 +286,7 @@ fn hostile_rx_buffers_cost_only_themselves() -> Result<()> {
         vmm.rx[0].raw_completions()
     );
     let mut ro = vec![0u8; bsz as usize];
-    mem.read(b0, &mut ro);
+    mem.read_into(b0, &mut ro);
     ensure!(
         ro.iter().all(|&b| b == 0xAA),
         "the device wrote into a read-only RX buffer"

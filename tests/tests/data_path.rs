@@ -316,7 +316,7 @@ struct UsedIndexWatcher {
 }
 
 impl UsedIndexWatcher {
-    fn start(mem: std::sync::Arc<qpnet_tests::memory::GuestMemory>, used_ring: u64) -> Self {
+    fn start(mem: std::sync::Arc<qpnet_secondary::test_util::GuestMemory>, used_ring: u64) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {

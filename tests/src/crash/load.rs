@@ -18,12 +18,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use qpnet_secondary::test_util::GuestMemory;
 
 use super::realtime_ns;
 use super::records::{Arrival, Records, RingEnd, RxArrival};
 use super::stamped::StampedTap;
 use crate::frames::{build, mixed_len, parse, verify, FrameId, FrameKind, FrameSpec};
-use crate::memory::GuestMemory;
 use crate::tap_io::TapSocket;
 use crate::traffic::tx_frame;
 use crate::virtq::RingLayout;
