@@ -11,7 +11,7 @@
 //! - a test VMM that speaks vhost-user through the vhost crate's frontend,
 //!   with guest memory in memfds (the secondary's test kit,
 //!   `qpnet_secondary::test_util`) and a small split-virtqueue virtio-net
-//!   driver ([`vmm`], [`virtq`], [`net_driver`]); hostile input
+//!   driver on its ring driver ([`vmm`], [`net_driver`]); hostile input
 //!   the frontend refuses to produce goes through [`raw_vhost`], and the
 //!   hostile-input tests share [`hostile`];
 //! - test frames checked byte for byte ([`frames`]) and moved in bulk with
@@ -43,7 +43,6 @@ pub mod supervise;
 pub mod tap_io;
 pub mod testbed;
 pub mod traffic;
-pub mod virtq;
 pub mod vmm;
 pub mod wait;
 

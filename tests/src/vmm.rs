@@ -23,14 +23,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use qpnet_secondary::test_util::{BumpAllocator, GuestMemory, RegionLayout, MEM_BASE};
+use qpnet_secondary::test_util::{
+    BumpAllocator, GuestMemory, RegionLayout, RingDriver, RingLayout, MEM_BASE,
+};
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 
-use crate::net_driver::{RingFds, RxDriver, TxDriver, SCRATCH_SIZE};
+use crate::net_driver::{RxDriver, TxDriver, SCRATCH_SIZE};
 use crate::raw_vhost::{connect_unix, feature, req, RawVhostUser};
-use crate::virtq::{RingLayout, SplitQueue};
 
 const MIB: u64 = 1 << 20;
 
@@ -168,7 +169,7 @@ impl Vmm {
         }
         if vmm.config.post_rx {
             for rx in &mut vmm.rx {
-                rx.post_all()?;
+                rx.post_all();
             }
         }
         Ok(vmm)
@@ -204,21 +205,21 @@ impl Vmm {
         &self.raw
     }
 
-    fn ring(&self, vring: u32) -> Result<(&SplitQueue, &RingFds)> {
+    fn ring(&self, vring: u32) -> Result<&RingDriver> {
         let qp = (vring / 2) as usize;
         if qp >= self.tx.len() {
             bail!("vring {vring} is not set up");
         }
         Ok(if vring & 1 == 0 {
-            (&self.rx[qp].queue, &self.rx[qp].fds)
+            &self.rx[qp].queue
         } else {
-            (&self.tx[qp].queue, &self.tx[qp].fds)
+            &self.tx[qp].queue
         })
     }
 
     /// SET_VRING_NUM, BASE (`base`), ADDR, KICK, CALL, ENABLE for one ring.
     pub fn start_ring(&mut self, vring: u32, base: u16) -> Result<()> {
-        let (queue, fds) = self.ring(vring)?;
+        let queue = self.ring(vring)?;
         let layout = queue.layout();
         let addrs = VringConfigData {
             queue_max_size: layout.size,
@@ -229,7 +230,7 @@ impl Vmm {
             avail_ring_addr: vmm_addr(&self.mem, layout.avail)?,
             log_addr: None,
         };
-        let (kick, call) = (fds.kick.try_clone()?, fds.call.try_clone()?);
+        let (kick, call) = queue.vmm_eventfds().context("dup ring eventfds")?;
         let i = vring as usize;
         let fe = &mut self.frontend;
         fe.set_vring_num(i, layout.size)
@@ -298,6 +299,12 @@ fn alloc(a: &mut BumpAllocator, size: u64, align: u64) -> Result<u64> {
         .with_context(|| format!("guest memory exhausted: {size:#x} bytes wanted"))
 }
 
+/// The three parts of a `size`-entry ring from `a`.
+fn ring_layout(a: &mut BumpAllocator, size: u16) -> Result<RingLayout> {
+    RingLayout::alloc(a, size)
+        .with_context(|| format!("guest memory exhausted: no room for a {size}-entry ring"))
+}
+
 fn round_up(v: u64, to: u64) -> u64 {
     v.div_ceil(to) * to
 }
@@ -330,22 +337,22 @@ fn build_queues(c: &VmmConfig) -> Result<(Arc<GuestMemory>, Vec<TxDriver>, Vec<R
     let mut tx = Vec::new();
     let mut rx = Vec::new();
     for qp in 0..u32::from(c.queue_pairs) {
-        let rx_ring = RingLayout::alloc(&mut alloc0, c.queue_size)?;
-        let tx_ring = RingLayout::alloc(&mut alloc0, c.queue_size)?;
+        let rx_ring = ring_layout(&mut alloc0, c.queue_size)?;
+        let tx_ring = ring_layout(&mut alloc0, c.queue_size)?;
         let tx_bufs = alloc(&mut alloc0, TxDriver::buffer_bytes(c.queue_size), 4096)?;
         let scratch = alloc(&mut alloc0, SCRATCH_SIZE, 4096)?;
         let rx_alloc = alloc1.as_mut().unwrap_or(&mut alloc0);
         let rx_bytes = u64::from(c.queue_size) * u64::from(c.rx_buf_size);
         let rx_bufs = alloc(rx_alloc, rx_bytes, 4096)?;
         rx.push(RxDriver::new(
-            SplitQueue::new(mem.clone(), rx_ring),
+            RingDriver::new(mem.clone(), rx_ring),
             2 * qp,
             rx_bufs,
             c.rx_buf_size,
             c.mrg_rxbuf,
         )?);
         tx.push(TxDriver::new(
-            SplitQueue::new(mem.clone(), tx_ring),
+            RingDriver::new(mem.clone(), tx_ring),
             2 * qp + 1,
             tx_bufs,
             scratch,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use qpnet_secondary::test_util::GuestMemory;
+use qpnet_secondary::test_util::{GuestMemory, RingLayout};
 
 use super::realtime_ns;
 use super::records::{Arrival, Records, RingEnd, RxArrival};
@@ -26,7 +26,6 @@ use super::stamped::StampedTap;
 use crate::frames::{build, mixed_len, parse, verify, FrameId, FrameKind, FrameSpec};
 use crate::tap_io::TapSocket;
 use crate::traffic::tx_frame;
-use crate::virtq::RingLayout;
 use crate::vmm::Vmm;
 
 /// `FrameId::queue` of the RX test frames (apart from TX queue numbers and
@@ -312,7 +311,7 @@ fn push_tick(vmm: &mut Vmm, live: &Live, pushed_at: &mut [Vec<u64>]) -> Result<(
         // avail index a test reads from guest memory.
         live.pushed[q].store(u64::from(seq) + 1, Ordering::Release);
         let t = realtime_ns();
-        tx.flush()?;
+        tx.flush();
         pushed_at[q].push(t);
     }
     Ok(())
