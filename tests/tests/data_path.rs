@@ -316,15 +316,15 @@ struct UsedIndexWatcher {
 }
 
 impl UsedIndexWatcher {
-    fn start(mem: std::sync::Arc<qpnet_secondary::test_util::GuestMemory>, used_ring: u64) -> Self {
+    fn start(ring: qpnet_secondary::test_util::RingProbe) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            let mut last = mem.load_u16(used_ring + 2);
+            let mut last = ring.used_idx();
             let mut idle = 0u32;
             while !flag.load(Ordering::Relaxed) {
-                let now = mem.load_u16(used_ring + 2);
+                let now = ring.used_idx();
                 if now != last {
                     seen.push(now);
                     last = now;
@@ -372,7 +372,7 @@ fn rx_used_index_is_published_only_at_frame_boundaries() -> Result<()> {
         ..VmmConfig::default()
     })?;
     vmm.rx[0].record_frame_ends();
-    let watcher = UsedIndexWatcher::start(vmm.memory().clone(), vmm.rx[0].queue.layout().used);
+    let watcher = UsedIndexWatcher::start(vmm.rx[0].queue.probe());
     let r = rx_traffic(
         &mut vmm,
         &bed.tap,

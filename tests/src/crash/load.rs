@@ -14,11 +14,10 @@
 //! [`Records`] say what happened.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use qpnet_secondary::test_util::{GuestMemory, RingLayout};
+use qpnet_secondary::test_util::RingProbe;
 
 use super::realtime_ns;
 use super::records::{Arrival, Records, RingEnd, RxArrival};
@@ -72,25 +71,6 @@ struct Live {
     seen_up_to: Vec<AtomicU64>,
     rx_sent: AtomicU64,
     rx_got: Vec<AtomicU64>,
-}
-
-/// Reads one ring's indices straight from guest memory.
-#[derive(Debug, Clone)]
-pub struct RingProbe {
-    mem: Arc<GuestMemory>,
-    layout: RingLayout,
-}
-
-impl RingProbe {
-    /// The avail index the driver published.
-    pub fn avail_idx(&self) -> u16 {
-        self.mem.load_u16(self.layout.avail + 2)
-    }
-
-    /// The used index the device published.
-    pub fn used_idx(&self) -> u16 {
-        self.mem.load_u16(self.layout.used + 2)
-    }
 }
 
 /// What the test's closure sees of a running load.
@@ -178,14 +158,7 @@ pub fn run_load<R>(
         rx_sent: AtomicU64::new(0),
         rx_got: (0..queues).map(|_| AtomicU64::new(0)).collect(),
     };
-    let tx_probes: Vec<RingProbe> = vmm
-        .tx
-        .iter()
-        .map(|t| RingProbe {
-            mem: vmm.memory().clone(),
-            layout: t.queue.layout(),
-        })
-        .collect();
+    let tx_probes: Vec<RingProbe> = vmm.tx.iter().map(|t| t.queue.probe()).collect();
     std::thread::scope(|s| {
         let live = &live;
         let collector = s.spawn(move || collect_tx(stamped, queues, live));
