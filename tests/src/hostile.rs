@@ -12,10 +12,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use qpnet_secondary::test_util::{GuestMemory, RegionLayout, MEM_BASE};
 use qpnet_shared::QueueStats;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::{GuestMemory, RegionLayout, DEFAULT_GPA};
 use crate::raw_vhost::{
     feature, mem_table, req, u64_body, vring_addr, vring_state, MemEntry, RawVhostUser, Reply,
 };
@@ -41,18 +41,13 @@ pub fn session(bed: &Testbed) -> Result<RawVhostUser> {
 
 /// Two real memfd regions (4 MiB each, a 28 MiB hole between them).
 pub fn guest_memory() -> Result<GuestMemory> {
-    GuestMemory::new(&[
-        RegionLayout {
-            gpa: DEFAULT_GPA,
-            size: 4 * MIB,
-        },
-        RegionLayout {
-            gpa: DEFAULT_GPA + 32 * MIB,
-            size: 4 * MIB,
-        },
-    ])
+    Ok(GuestMemory::new(&[
+        RegionLayout::new(MEM_BASE, 4 * MIB),
+        RegionLayout::new(MEM_BASE + 32 * MIB, 4 * MIB),
+    ])?)
 }
 
+/// `mem`'s memory table as a VMM sends it (VMM addresses included).
 pub fn entries(mem: &GuestMemory) -> Vec<MemEntry> {
     mem.regions()
         .iter()
@@ -60,13 +55,14 @@ pub fn entries(mem: &GuestMemory) -> Vec<MemEntry> {
             gpa: r.gpa(),
             size: r.size(),
             user_addr: r.vmm_addr(),
-            mmap_offset: 0,
+            mmap_offset: r.layout().file_offset,
         })
         .collect()
 }
 
+/// `mem`'s memfds, in table order.
 pub fn fds(mem: &GuestMemory) -> Vec<RawFd> {
-    mem.regions().iter().map(|r| r.file().as_raw_fd()).collect()
+    mem.fds().iter().map(|fd| fd.as_raw_fd()).collect()
 }
 
 /// A session whose memory table holds `mem`.

@@ -9,8 +9,9 @@
 //!   an AF_PACKET socket on the TAP to see what qpnet writes and to inject
 //!   what it should read ([`tap_io`]);
 //! - a test VMM that speaks vhost-user through the vhost crate's frontend,
-//!   with guest memory in memfds and a small split-virtqueue virtio-net
-//!   driver ([`vmm`], [`memory`], [`virtq`], [`net_driver`]); hostile input
+//!   with guest memory in memfds (the secondary's test kit,
+//!   `qpnet_secondary::test_util`) and a small split-virtqueue virtio-net
+//!   driver on its ring driver ([`vmm`], [`net_driver`]); hostile input
 //!   the frontend refuses to produce goes through [`raw_vhost`], and the
 //!   hostile-input tests share [`hostile`];
 //! - test frames checked byte for byte ([`frames`]) and moved in bulk with
@@ -30,7 +31,6 @@ pub mod crash;
 pub mod frames;
 pub mod guest;
 pub mod hostile;
-pub mod memory;
 pub mod net_driver;
 pub mod netns;
 pub mod proc;
@@ -43,7 +43,6 @@ pub mod supervise;
 pub mod tap_io;
 pub mod testbed;
 pub mod traffic;
-pub mod virtq;
 pub mod vmm;
 pub mod wait;
 

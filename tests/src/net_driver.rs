@@ -1,4 +1,5 @@
-//! A minimal virtio-net driver: TX and RX queues over [`SplitQueue`]s.
+//! A minimal virtio-net driver: TX and RX queues over the secondary test
+//! kit's [`RingDriver`]s (each with its own kick and call eventfds).
 //!
 //! TX ([`TxDriver`]): each frame goes out as a 12-byte zeroed virtio-net
 //! header plus the frame, either in one descriptor or (every other frame when
@@ -19,12 +20,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use crate::tap_io::wait_readable;
-use crate::virtq::{Desc, SplitQueue, UsedElem, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
-use std::os::fd::AsRawFd;
+use anyhow::{bail, Result};
+use qpnet_secondary::test_util::{desc, Desc, RingDriver, UsedElem, F_NEXT, F_WRITE};
 
 /// Size of the virtio-net header with VERSION_1 (num_buffers included).
 pub const NET_HDR_LEN: usize = 12;
@@ -35,45 +32,11 @@ pub const RESERVED_DESCS: u16 = 16;
 /// Size of a TX queue's scratch area for hostile-input tests.
 pub const SCRATCH_SIZE: u64 = 64 << 10;
 
-/// The eventfds of one ring.
-#[derive(Debug)]
-pub struct RingFds {
-    /// The driver writes it after publishing avail entries.
-    pub kick: EventFd,
-    /// The device writes it after publishing used entries.
-    pub call: EventFd,
-}
-
-impl RingFds {
-    /// Two fresh non-blocking eventfds.
-    pub fn new() -> Result<RingFds> {
-        Ok(RingFds {
-            kick: EventFd::new(EFD_NONBLOCK).context("eventfd")?,
-            call: EventFd::new(EFD_NONBLOCK).context("eventfd")?,
-        })
-    }
-
-    /// Notify the device.
-    pub fn kick(&self) -> Result<()> {
-        self.kick.write(1).context("kick eventfd write")
-    }
-
-    /// Sleep until the device signals (or `timeout`), then clear the signal.
-    pub fn wait_call(&self, timeout: Duration) -> Result<()> {
-        if wait_readable(self.call.as_raw_fd(), timeout)? {
-            let _ = self.call.read();
-        }
-        Ok(())
-    }
-}
-
 /// The guest's side of one TX queue.
 #[derive(Debug)]
 pub struct TxDriver {
-    /// The ring.
-    pub queue: SplitQueue,
-    /// Its eventfds.
-    pub fds: RingFds,
+    /// The ring and its eventfds.
+    pub queue: RingDriver,
     vring: u32,
     buf_base: u64,
     scratch: u64,
@@ -90,7 +53,7 @@ impl TxDriver {
     /// at `buf_base` (`(size - RESERVED_DESCS) / 2` slots of [`TX_BUF_SIZE`])
     /// and a [`SCRATCH_SIZE`] scratch area at `scratch`.
     pub fn new(
-        queue: SplitQueue,
+        queue: RingDriver,
         vring: u32,
         buf_base: u64,
         scratch: u64,
@@ -103,7 +66,6 @@ impl TxDriver {
         let slots = (size - RESERVED_DESCS) / 2;
         Ok(TxDriver {
             queue,
-            fds: RingFds::new()?,
             vring,
             buf_base,
             scratch,
@@ -140,34 +102,14 @@ impl TxDriver {
         mem.write(buf + NET_HDR_LEN as u64, frame);
         let head = 2 * slot;
         if self.split_header && self.chains_sent % 2 == 1 {
-            self.queue.write_desc(
-                head,
-                Desc {
-                    addr: buf,
-                    len: NET_HDR_LEN as u32,
-                    flags: VIRTQ_DESC_F_NEXT,
-                    next: head + 1,
-                },
-            );
-            self.queue.write_desc(
-                head + 1,
-                Desc {
-                    addr: buf + NET_HDR_LEN as u64,
-                    len: frame.len() as u32,
-                    flags: 0,
-                    next: 0,
-                },
-            );
+            let frame_at = buf + NET_HDR_LEN as u64;
+            let hdr = desc(buf, NET_HDR_LEN as u32, F_NEXT, head + 1);
+            self.queue.write_desc(head, hdr);
+            let body = desc(frame_at, frame.len() as u32, 0, 0);
+            self.queue.write_desc(head + 1, body);
         } else {
-            self.queue.write_desc(
-                head,
-                Desc {
-                    addr: buf,
-                    len: (NET_HDR_LEN + frame.len()) as u32,
-                    flags: 0,
-                    next: 0,
-                },
-            );
+            let whole = desc(buf, (NET_HDR_LEN + frame.len()) as u32, 0, 0);
+            self.queue.write_desc(head, whole);
         }
         self.queue.push_avail(head);
         self.chains_sent += 1;
@@ -175,9 +117,9 @@ impl TxDriver {
     }
 
     /// Publish queued chains and kick the device.
-    pub fn flush(&mut self) -> Result<()> {
+    pub fn flush(&mut self) {
         self.queue.publish();
-        self.fds.kick()
+        self.queue.kick();
     }
 
     /// Collect used entries; frees slots. Returns how many test frames
@@ -219,7 +161,7 @@ impl TxDriver {
             while i < frames.len() && self.try_push(&frames[i])? {
                 i += 1;
             }
-            self.flush()?;
+            self.flush();
             if i < frames.len() {
                 self.wait_progress(deadline)?;
             }
@@ -251,7 +193,7 @@ impl TxDriver {
                 self.queue.used_idx()
             );
         }
-        self.fds.wait_call(Duration::from_millis(2))?;
+        self.queue.wait_call(Duration::from_millis(2));
         self.reap().map(drop)
     }
 
@@ -268,12 +210,12 @@ impl TxDriver {
 
     /// Hostile hook: write arbitrary descriptors, make `head` available,
     /// publish and kick.
-    pub fn push_raw_chain(&mut self, descs: &[(u16, Desc)], head: u16) -> Result<()> {
+    pub fn push_raw_chain(&mut self, descs: &[(u16, Desc)], head: u16) {
         for &(i, d) in descs {
             self.queue.write_desc(i, d);
         }
         self.queue.push_avail(head);
-        self.flush()
+        self.flush();
     }
 
     /// Completions of chains that were not test-frame slots.
@@ -312,10 +254,8 @@ struct PartialFrame {
 /// The guest's side of one RX queue.
 #[derive(Debug)]
 pub struct RxDriver {
-    /// The ring.
-    pub queue: SplitQueue,
-    /// Its eventfds.
-    pub fds: RingFds,
+    /// The ring and its eventfds.
+    pub queue: RingDriver,
     vring: u32,
     buf_base: u64,
     buf_size: u32,
@@ -335,7 +275,7 @@ impl RxDriver {
     /// An RX driver on `queue` (vring index `vring`) with one buffer of
     /// `buf_size` bytes per descriptor at `buf_base`.
     pub fn new(
-        queue: SplitQueue,
+        queue: RingDriver,
         vring: u32,
         buf_base: u64,
         buf_size: u32,
@@ -346,7 +286,6 @@ impl RxDriver {
         }
         Ok(RxDriver {
             queue,
-            fds: RingFds::new()?,
             vring,
             buf_base,
             buf_size,
@@ -370,29 +309,22 @@ impl RxDriver {
     }
 
     /// Make every descriptor an available writable buffer; publish; kick.
-    pub fn post_all(&mut self) -> Result<()> {
-        self.post_all_except(0)
+    pub fn post_all(&mut self) {
+        self.post_all_except(0);
     }
 
     /// Hostile hook: like [`RxDriver::post_all`], but descriptors
     /// `0..reserved` are left to the test; their completions are collected
     /// in [`RxDriver::raw_completions`] and never reposted.
-    pub fn post_all_except(&mut self, reserved: u16) -> Result<()> {
+    pub fn post_all_except(&mut self, reserved: u16) {
         self.reserved = reserved;
         for id in reserved..self.queue.layout().size {
-            self.queue.write_desc(
-                id,
-                Desc {
-                    addr: self.buffer(id),
-                    len: self.buf_size,
-                    flags: VIRTQ_DESC_F_WRITE,
-                    next: 0,
-                },
-            );
+            let buffer = desc(self.buffer(id), self.buf_size, F_WRITE, 0);
+            self.queue.write_desc(id, buffer);
             self.queue.push_avail(id);
         }
         self.queue.publish();
-        self.fds.kick()
+        self.queue.kick();
     }
 
     /// Collect completed buffers into frames, post the buffers again.
@@ -419,7 +351,7 @@ impl RxDriver {
                 continue;
             }
             let mut bytes = vec![0u8; elem.len as usize];
-            self.queue.memory().read(self.buffer(id), &mut bytes);
+            self.queue.memory().read_into(self.buffer(id), &mut bytes);
             self.queue.push_avail(id);
             reposted = true;
             if let Some(frame) = self.absorb(bytes)? {
@@ -437,7 +369,7 @@ impl RxDriver {
         }
         if reposted {
             self.queue.publish();
-            self.fds.kick()?;
+            self.queue.kick();
         }
         Ok(frames)
     }

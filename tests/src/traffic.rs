@@ -264,7 +264,7 @@ pub fn send_tx(
                 pushed = true;
             }
             if pushed {
-                tx.flush()?;
+                tx.flush();
                 progress = true;
             }
         }
@@ -293,7 +293,7 @@ pub fn send_tx(
             );
         }
         if !progress {
-            vmm.tx[qps[0]].fds.wait_call(Duration::from_micros(500))?;
+            vmm.tx[qps[0]].queue.wait_call(Duration::from_micros(500));
         }
     }
 }
@@ -492,7 +492,7 @@ fn collect_rx(
         if progress {
             quiet_since = Instant::now();
         } else {
-            vmm.rx[0].fds.wait_call(Duration::from_micros(500))?;
+            vmm.rx[0].queue.wait_call(Duration::from_micros(500));
         }
     }
     Ok(())

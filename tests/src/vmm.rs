@@ -16,20 +16,22 @@
 //! The same connection is also reachable raw ([`Vmm::raw`]) for requests the
 //! frontend does not offer or would refuse to send.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use qpnet_secondary::test_util::{
+    BumpAllocator, GuestMemory, RegionLayout, RingDriver, RingLayout, MEM_BASE,
+};
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 
-use crate::memory::{BumpAllocator, GuestMemory, RegionLayout, DEFAULT_GPA};
-use crate::net_driver::{RingFds, RxDriver, TxDriver, SCRATCH_SIZE};
+use crate::net_driver::{RxDriver, TxDriver, SCRATCH_SIZE};
 use crate::raw_vhost::{connect_unix, feature, req, RawVhostUser};
-use crate::virtq::{RingLayout, SplitQueue};
 
 const MIB: u64 = 1 << 20;
 
@@ -149,7 +151,7 @@ impl Vmm {
 
         let (mem, tx, rx) = build_queues(&config)?;
         frontend
-            .set_mem_table(&mem.region_infos())
+            .set_mem_table(&memory_table(&mem))
             .context("SET_MEM_TABLE")?;
         let mut vmm = Vmm {
             frontend,
@@ -167,7 +169,7 @@ impl Vmm {
         }
         if vmm.config.post_rx {
             for rx in &mut vmm.rx {
-                rx.post_all()?;
+                rx.post_all();
             }
         }
         Ok(vmm)
@@ -203,32 +205,32 @@ impl Vmm {
         &self.raw
     }
 
-    fn ring(&self, vring: u32) -> Result<(&SplitQueue, &RingFds)> {
+    fn ring(&self, vring: u32) -> Result<&RingDriver> {
         let qp = (vring / 2) as usize;
         if qp >= self.tx.len() {
             bail!("vring {vring} is not set up");
         }
         Ok(if vring & 1 == 0 {
-            (&self.rx[qp].queue, &self.rx[qp].fds)
+            &self.rx[qp].queue
         } else {
-            (&self.tx[qp].queue, &self.tx[qp].fds)
+            &self.tx[qp].queue
         })
     }
 
     /// SET_VRING_NUM, BASE (`base`), ADDR, KICK, CALL, ENABLE for one ring.
     pub fn start_ring(&mut self, vring: u32, base: u16) -> Result<()> {
-        let (queue, fds) = self.ring(vring)?;
+        let queue = self.ring(vring)?;
         let layout = queue.layout();
         let addrs = VringConfigData {
             queue_max_size: layout.size,
             queue_size: layout.size,
             flags: 0,
-            desc_table_addr: self.mem.vmm_addr(layout.desc)?,
-            used_ring_addr: self.mem.vmm_addr(layout.used)?,
-            avail_ring_addr: self.mem.vmm_addr(layout.avail)?,
+            desc_table_addr: vmm_addr(&self.mem, layout.desc)?,
+            used_ring_addr: vmm_addr(&self.mem, layout.used)?,
+            avail_ring_addr: vmm_addr(&self.mem, layout.avail)?,
             log_addr: None,
         };
-        let (kick, call) = (fds.kick.try_clone()?, fds.call.try_clone()?);
+        let (kick, call) = queue.vmm_eventfds().context("dup ring eventfds")?;
         let i = vring as usize;
         let fe = &mut self.frontend;
         fe.set_vring_num(i, layout.size)
@@ -271,6 +273,38 @@ fn wanted_features(c: &VmmConfig) -> u64 {
     f
 }
 
+/// `mem`'s memory table for SET_MEM_TABLE.
+fn memory_table(mem: &GuestMemory) -> Vec<VhostUserMemoryRegionInfo> {
+    mem.regions()
+        .iter()
+        .map(|r| VhostUserMemoryRegionInfo {
+            guest_phys_addr: r.gpa(),
+            memory_size: r.size(),
+            userspace_addr: r.vmm_addr(),
+            mmap_offset: r.layout().file_offset,
+            mmap_handle: r.file().as_raw_fd(),
+        })
+        .collect()
+}
+
+/// Translate a GPA to this process's (the VMM's) address.
+fn vmm_addr(mem: &GuestMemory, gpa: u64) -> Result<u64> {
+    mem.vmm_addr(gpa)
+        .with_context(|| format!("GPA {gpa:#x} is not inside a guest memory region"))
+}
+
+/// `size` bytes aligned to `align` from `a`.
+fn alloc(a: &mut BumpAllocator, size: u64, align: u64) -> Result<u64> {
+    a.alloc(size, align)
+        .with_context(|| format!("guest memory exhausted: {size:#x} bytes wanted"))
+}
+
+/// The three parts of a `size`-entry ring from `a`.
+fn ring_layout(a: &mut BumpAllocator, size: u16) -> Result<RingLayout> {
+    RingLayout::alloc(a, size)
+        .with_context(|| format!("guest memory exhausted: no room for a {size}-entry ring"))
+}
+
 fn round_up(v: u64, to: u64) -> u64 {
     v.div_ceil(to) * to
 }
@@ -291,20 +325,11 @@ fn build_queues(c: &VmmConfig) -> Result<(Arc<GuestMemory>, Vec<TxDriver>, Vec<R
     if c.two_regions {
         let size0 = round_up(ring_bytes + tx_bytes, MIB) + MIB;
         let size1 = round_up(rx_bytes, MIB) + MIB;
-        layouts.push(RegionLayout {
-            gpa: DEFAULT_GPA,
-            size: size0,
-        });
-        layouts.push(RegionLayout {
-            gpa: DEFAULT_GPA + size0 + 16 * MIB,
-            size: size1,
-        });
+        layouts.push(RegionLayout::new(MEM_BASE, size0));
+        layouts.push(RegionLayout::new(MEM_BASE + size0 + 16 * MIB, size1));
     } else {
         let size = round_up(ring_bytes + tx_bytes + rx_bytes, MIB) + MIB;
-        layouts.push(RegionLayout {
-            gpa: DEFAULT_GPA,
-            size,
-        });
+        layouts.push(RegionLayout::new(MEM_BASE, size));
     }
     let mem = Arc::new(GuestMemory::new(&layouts)?);
     let mut alloc0 = BumpAllocator::new(&mem.regions()[0]);
@@ -312,21 +337,22 @@ fn build_queues(c: &VmmConfig) -> Result<(Arc<GuestMemory>, Vec<TxDriver>, Vec<R
     let mut tx = Vec::new();
     let mut rx = Vec::new();
     for qp in 0..u32::from(c.queue_pairs) {
-        let rx_ring = RingLayout::alloc(&mut alloc0, c.queue_size)?;
-        let tx_ring = RingLayout::alloc(&mut alloc0, c.queue_size)?;
-        let tx_bufs = alloc0.alloc(TxDriver::buffer_bytes(c.queue_size), 4096)?;
-        let scratch = alloc0.alloc(SCRATCH_SIZE, 4096)?;
+        let rx_ring = ring_layout(&mut alloc0, c.queue_size)?;
+        let tx_ring = ring_layout(&mut alloc0, c.queue_size)?;
+        let tx_bufs = alloc(&mut alloc0, TxDriver::buffer_bytes(c.queue_size), 4096)?;
+        let scratch = alloc(&mut alloc0, SCRATCH_SIZE, 4096)?;
         let rx_alloc = alloc1.as_mut().unwrap_or(&mut alloc0);
-        let rx_bufs = rx_alloc.alloc(u64::from(c.queue_size) * u64::from(c.rx_buf_size), 4096)?;
+        let rx_bytes = u64::from(c.queue_size) * u64::from(c.rx_buf_size);
+        let rx_bufs = alloc(rx_alloc, rx_bytes, 4096)?;
         rx.push(RxDriver::new(
-            SplitQueue::new(mem.clone(), rx_ring),
+            RingDriver::new(mem.clone(), rx_ring),
             2 * qp,
             rx_bufs,
             c.rx_buf_size,
             c.mrg_rxbuf,
         )?);
         tx.push(TxDriver::new(
-            SplitQueue::new(mem.clone(), tx_ring),
+            RingDriver::new(mem.clone(), tx_ring),
             2 * qp + 1,
             tx_bufs,
             scratch,
@@ -358,6 +384,6 @@ mod tests {
             assert!(t.scratch() + SCRATCH_SIZE <= mem.regions()[0].gpa() + mem.regions()[0].size());
             assert_eq!(t.vring(), r.vring() + 1);
         }
-        assert!(mem.vmm_addr(r1.gpa()).is_ok());
+        assert!(vmm_addr(&mem, r1.gpa()).is_ok());
     }
 }

@@ -11,12 +11,12 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use qpnet_secondary::test_util::{desc as d, Desc, F_INDIRECT, F_NEXT, F_WRITE};
 use qpnet_shared::QueueStats;
 use qpnet_tests::frames::{build, mixed_len, FrameId, FrameKind, FrameSpec};
 use qpnet_tests::hostile::{check_unharmed, testbed, TIMEOUT};
 use qpnet_tests::net_driver::NET_HDR_LEN;
 use qpnet_tests::traffic::{rx_traffic_lossy, tx_frame, TapCollector};
-use qpnet_tests::virtq::{Desc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use qpnet_tests::vmm::VmmConfig;
 use qpnet_tests::wait::wait_for;
 
@@ -55,19 +55,13 @@ fn hostile_tx_chains_cost_only_themselves() -> Result<()> {
     let frame = tx_frame(7, 0);
     mem.fill(s, NET_HDR_LEN, 0);
     mem.write(s + NET_HDR_LEN as u64, &frame[..60]);
-    let d = |addr: u64, len: u32, flags: u16, next: u16| Desc {
-        addr,
-        len,
-        flags,
-        next,
-    };
-    const N: u16 = VIRTQ_DESC_F_NEXT;
+    const N: u16 = F_NEXT;
     // An indirect table (its contents do not matter: it is refused first)
     // and one that points at another indirect table.
     let table = s + 4096;
     mem.write(table, &d(s, NET_HDR_LEN as u32, N, 1).to_bytes());
     let nested = s + 16 * 1024;
-    mem.write(nested, &d(table, 32, VIRTQ_DESC_F_INDIRECT, 0).to_bytes());
+    mem.write(nested, &d(table, 32, F_INDIRECT, 0).to_bytes());
     // A chain through every descriptor of the table and on: longer than the
     // ring. It borrows the driver's slot descriptors (all free between
     // cases), so the good frame after it waits until it is refused.
@@ -119,7 +113,7 @@ fn hostile_tx_chains_cost_only_themselves() -> Result<()> {
         chain(
             "a device-writable buffer on TX",
             false,
-            vec![(r(9), d(s, 72, VIRTQ_DESC_F_WRITE, 0))],
+            vec![(r(9), d(s, 72, F_WRITE, 0))],
         ),
         chain(
             "a chain through all descriptors and on, longer than the ring",
@@ -129,12 +123,12 @@ fn hostile_tx_chains_cost_only_themselves() -> Result<()> {
         chain(
             "an indirect table inside an indirect table",
             false,
-            vec![(r(11), d(nested, 16, VIRTQ_DESC_F_INDIRECT, 0))],
+            vec![(r(11), d(nested, 16, F_INDIRECT, 0))],
         ),
         chain(
             "an indirect table of 24 bytes",
             false,
-            vec![(r(12), d(table, 24, VIRTQ_DESC_F_INDIRECT, 0))],
+            vec![(r(12), d(table, 24, F_INDIRECT, 0))],
         ),
         chain(
             "a frame shorter than the virtio-net header",
@@ -145,7 +139,7 @@ fn hostile_tx_chains_cost_only_themselves() -> Result<()> {
     let result = (|| -> Result<()> {
         for (i, ChainCase { what, descs, .. }) in cases.iter().enumerate() {
             let head = descs[0].0;
-            vmm.tx[0].push_raw_chain(descs, head)?;
+            vmm.tx[0].push_raw_chain(descs, head);
             if descs.iter().any(|(i, _)| *i < first_reserved) {
                 let tx = &mut vmm.tx[0];
                 wait_for(&format!("{what} to be refused"), TIMEOUT, || {
@@ -156,7 +150,7 @@ fn hostile_tx_chains_cost_only_themselves() -> Result<()> {
                 vmm.tx[0].try_push(&tx_frame(0, i as u32))?,
                 "no free TX slot"
             );
-            vmm.tx[0].flush()?;
+            vmm.tx[0].flush();
             let tx = &mut vmm.tx[0];
             let done = wait_for(
                 &format!("the chain after {what} to complete"),
@@ -211,9 +205,9 @@ fn avail_index_jumping_past_the_ring_harms_nothing_else() -> Result<()> {
     let mut vmm = bed.vmm(VmmConfig::default())?;
     let size = vmm.config().queue_size;
     vmm.tx[0].queue.set_avail_idx(size + 10);
-    vmm.tx[0].fds.kick()?;
+    vmm.tx[0].queue.kick();
     vmm.rx[0].queue.set_avail_idx(3 * size);
-    vmm.rx[0].fds.kick()?;
+    vmm.rx[0].queue.kick();
     for i in 0..20 {
         bed.tap.send(&build(&FrameSpec {
             id: FrameId { queue: 0, seq: i },
@@ -249,28 +243,17 @@ fn hostile_rx_buffers_cost_only_themselves() -> Result<()> {
     let (b0, bsz) = (rx.buffer_gpa(0), rx.buffer_size());
     let end0 = mem.regions()[0].gpa() + mem.regions()[0].size();
     mem.fill(b0, bsz as usize, 0xAA);
-    let d = |addr: u64, len: u32, flags: u16, next: u16| Desc {
-        addr,
-        len,
-        flags,
-        next,
-    };
     let hostile = [
         d(b0, bsz, 0, 0),
-        d(0x1000, bsz, VIRTQ_DESC_F_WRITE, 0),
-        d(end0 - 16, bsz, VIRTQ_DESC_F_WRITE, 0),
-        d(
-            rx.buffer_gpa(3),
-            bsz,
-            VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
-            3,
-        ),
+        d(0x1000, bsz, F_WRITE, 0),
+        d(end0 - 16, bsz, F_WRITE, 0),
+        d(rx.buffer_gpa(3), bsz, F_WRITE | F_NEXT, 3),
     ];
     for (i, desc) in hostile.iter().enumerate() {
         rx.queue.write_desc(i as u16, *desc);
         rx.queue.push_avail(i as u16);
     }
-    rx.post_all_except(hostile.len() as u16)?;
+    rx.post_all_except(hostile.len() as u16);
     let r = rx_traffic_lossy(
         &mut vmm,
         &bed.tap,
@@ -286,7 +269,7 @@ fn hostile_rx_buffers_cost_only_themselves() -> Result<()> {
         vmm.rx[0].raw_completions()
     );
     let mut ro = vec![0u8; bsz as usize];
-    mem.read(b0, &mut ro);
+    mem.read_into(b0, &mut ro);
     ensure!(
         ro.iter().all(|&b| b == 0xAA),
         "the device wrote into a read-only RX buffer"

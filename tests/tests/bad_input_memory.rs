@@ -9,11 +9,11 @@
 use std::os::fd::AsRawFd;
 
 use anyhow::{ensure, Context, Result};
+use qpnet_secondary::test_util::{GuestMemory, RegionLayout, MEM_BASE};
 use qpnet_tests::hostile::{
     check_unharmed, ensure_refused, entries, fds, guest_memory, mem_session, outside_vmm,
     ring_start_refused, session, testbed, valid_ring, MIB, QUEUE_PAIRS, RING,
 };
-use qpnet_tests::memory::{GuestMemory, RegionLayout, DEFAULT_GPA};
 use qpnet_tests::raw_vhost::{mem_table, req, MemEntry};
 
 #[test]
@@ -42,10 +42,10 @@ fn ring_addresses_outside_the_memory_table_are_refused() -> Result<()> {
             (end0 - 2048, u, a),
         ),
     ];
-    if outside_vmm(&mem, DEFAULT_GPA) {
+    if outside_vmm(&mem, MEM_BASE) {
         cases.push((
             "ring addresses given as guest-physical addresses",
-            (DEFAULT_GPA, DEFAULT_GPA + 8192, DEFAULT_GPA + 4096),
+            (MEM_BASE, MEM_BASE + 8192, MEM_BASE + 4096),
         ));
     }
     if outside_vmm(&mem, end0) {
@@ -78,14 +78,11 @@ fn overlapping_and_impossible_memory_regions_are_refused() -> Result<()> {
     let cases: Vec<(&str, Vec<MemEntry>)> = vec![
         (
             "regions overlapping by 3 MiB",
-            with(DEFAULT_GPA + MIB, 4 * MIB),
+            with(MEM_BASE + MIB, 4 * MIB),
         ),
-        (
-            "two regions at the same addresses",
-            with(DEFAULT_GPA, 4 * MIB),
-        ),
-        ("a region inside another", with(DEFAULT_GPA + MIB, MIB)),
-        ("a region of size 0", with(DEFAULT_GPA + 32 * MIB, 0)),
+        ("two regions at the same addresses", with(MEM_BASE, 4 * MIB)),
+        ("a region inside another", with(MEM_BASE + MIB, MIB)),
+        ("a region of size 0", with(MEM_BASE + 32 * MIB, 0)),
         (
             "a region whose end overflows u64",
             with(u64::MAX - 0xffff, 4 * MIB),
@@ -133,13 +130,10 @@ fn overlapping_and_impossible_memory_regions_are_refused() -> Result<()> {
 #[test]
 fn a_region_past_the_end_of_its_memfd_is_refused_without_sigbus() -> Result<()> {
     let (bed, workers) = testbed(QUEUE_PAIRS)?;
-    let small = GuestMemory::new(&[RegionLayout {
-        gpa: DEFAULT_GPA,
-        size: MIB,
-    }])?;
+    let small = GuestMemory::new(&[RegionLayout::new(MEM_BASE, MIB)])?;
     let r0 = &small.regions()[0];
     let base = MemEntry {
-        gpa: DEFAULT_GPA,
+        gpa: MEM_BASE,
         size: MIB,
         user_addr: r0.vmm_addr(),
         mmap_offset: 0,

@@ -211,7 +211,7 @@ fn stop_restart_scenario(vmm: &mut Vmm, collector: &TapCollector) -> Result<()> 
     );
     ensure!((500..=600).contains(&base), "base {base} outside 500..=600");
     // A kick on a stopped ring moves nothing (a negative, so a bounded wait).
-    vmm.tx[0].fds.kick()?;
+    vmm.tx[0].queue.kick();
     std::thread::sleep(Duration::from_millis(100));
     ensure!(
         vmm.tx[0].queue.used_idx() == used,
@@ -221,7 +221,7 @@ fn stop_restart_scenario(vmm: &mut Vmm, collector: &TapCollector) -> Result<()> 
     );
     // 3. Restart at that base; the pending frames go out.
     vmm.start_ring(VRING, base as u16)?;
-    vmm.tx[0].flush()?;
+    vmm.tx[0].flush();
     vmm.tx[0].wait_idle(TIMEOUT)?;
 
     // 4. Stop and restart under load, several times.
@@ -231,7 +231,7 @@ fn stop_restart_scenario(vmm: &mut Vmm, collector: &TapCollector) -> Result<()> 
         while vmm.tx[0].try_push(&tx_frame(0, next))? {
             next += 1;
         }
-        vmm.tx[0].flush()?;
+        vmm.tx[0].flush();
         let base = vmm.stop_ring(VRING)?;
         let used = vmm.tx[0].queue.used_idx();
         let avail = vmm.tx[0].queue.avail_idx();
@@ -247,7 +247,7 @@ fn stop_restart_scenario(vmm: &mut Vmm, collector: &TapCollector) -> Result<()> 
             stopped_mid_ring += 1;
         }
         vmm.start_ring(VRING, base as u16)?;
-        vmm.tx[0].flush()?;
+        vmm.tx[0].flush();
         send_tx(vmm, &[0], next..next + 500, collector, TIMEOUT)?;
         next += 500;
     }
@@ -282,7 +282,7 @@ fn a_new_vmm_connection_works_after_the_previous_one_left() -> Result<()> {
                     break;
                 }
             }
-            vmm.tx[qp].flush()?;
+            vmm.tx[qp].flush();
         }
     }
     let mut vmm = bed.vmm(config)?;
@@ -316,15 +316,15 @@ struct UsedIndexWatcher {
 }
 
 impl UsedIndexWatcher {
-    fn start(mem: std::sync::Arc<qpnet_tests::memory::GuestMemory>, used_ring: u64) -> Self {
+    fn start(ring: qpnet_secondary::test_util::RingProbe) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            let mut last = mem.load_u16(used_ring + 2);
+            let mut last = ring.used_idx();
             let mut idle = 0u32;
             while !flag.load(Ordering::Relaxed) {
-                let now = mem.load_u16(used_ring + 2);
+                let now = ring.used_idx();
                 if now != last {
                     seen.push(now);
                     last = now;
@@ -372,7 +372,7 @@ fn rx_used_index_is_published_only_at_frame_boundaries() -> Result<()> {
         ..VmmConfig::default()
     })?;
     vmm.rx[0].record_frame_ends();
-    let watcher = UsedIndexWatcher::start(vmm.memory().clone(), vmm.rx[0].queue.layout().used);
+    let watcher = UsedIndexWatcher::start(vmm.rx[0].queue.probe());
     let r = rx_traffic(
         &mut vmm,
         &bed.tap,

@@ -62,7 +62,7 @@ fn stop_under_traffic<T>(
                         .try_push(&tx_frame(qp as u16, seq))
                         .unwrap_or(false)
                     {
-                        let _ = vmm.tx[qp].flush();
+                        vmm.tx[qp].flush();
                     }
                 }
                 for rx in vmm.rx.iter_mut() {

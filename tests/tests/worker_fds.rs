@@ -75,13 +75,13 @@ fn check_worker_fds(bed: &Testbed, w: &ProcHandle, qp: usize, vmm: Option<&Vmm>)
     let (ring_ids, memory): (BTreeSet<u64>, Vec<(u64, u64)>) = match vmm {
         Some(v) => (
             [
-                &v.rx[qp].fds.kick,
-                &v.rx[qp].fds.call,
-                &v.tx[qp].fds.kick,
-                &v.tx[qp].fds.call,
+                v.rx[qp].queue.kick_fd(),
+                v.rx[qp].queue.call_fd(),
+                v.tx[qp].queue.kick_fd(),
+                v.tx[qp].queue.call_fd(),
             ]
             .into_iter()
-            .map(own_eventfd_id)
+            .map(|fd| own_eventfd_id(&fd))
             .collect::<Result<_>>()?,
             v.memory()
                 .regions()

@@ -199,6 +199,11 @@ impl RingDriver {
         &self.mem
     }
 
+    /// A read-only view of the ring's indices, for another thread.
+    pub fn probe(&self) -> RingProbe {
+        RingProbe::new(self.mem.clone(), self.layout)
+    }
+
     // ---- descriptors ---------------------------------------------------
 
     /// Write descriptor `index` of the ring's table. Not bounded by the
@@ -450,6 +455,38 @@ impl RingDriver {
 
     fn slot(&self, i: usize) -> u16 {
         ((usize::from(self.next_desc) + i) % usize::from(self.layout.size)) as u16
+    }
+}
+
+/// The two indices of a ring, read straight from guest memory: for an
+/// observer (a watcher thread, a test's control thread) while a
+/// [`RingDriver`] elsewhere drives the ring. Plain volatile loads, no fences
+/// and no driver state: each read is a snapshot of what the ring holds.
+#[derive(Debug, Clone)]
+pub struct RingProbe {
+    mem: Arc<GuestMemory>,
+    layout: RingLayout,
+}
+
+impl RingProbe {
+    /// A probe of the ring at `layout` in `mem`.
+    pub fn new(mem: Arc<GuestMemory>, layout: RingLayout) -> RingProbe {
+        RingProbe { mem, layout }
+    }
+
+    /// The ring's addresses.
+    pub fn layout(&self) -> RingLayout {
+        self.layout
+    }
+
+    /// The `avail.idx` the driver published.
+    pub fn avail_idx(&self) -> u16 {
+        self.mem.load_u16(self.layout.avail + 2)
+    }
+
+    /// The `used.idx` the device published.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.load_u16(self.layout.used + 2)
     }
 }
 

@@ -11,7 +11,8 @@
 //!   the same pages. [`BumpAllocator`] places rings and buffers in a region.
 //! - [`RingDriver`]: one split virtqueue driven as a guest would (chains made
 //!   available, used entries read, kicks, interrupts, event-index fields),
-//!   plus the raw calls hostile-input tests need; [`RingLayout`] places it.
+//!   plus the raw calls hostile-input tests need; [`RingLayout`] places it,
+//!   and a [`RingProbe`] reads its indices from another thread.
 //! - [`TestMemory`]: both sides at once, for tests of the packet path;
 //!   [`Peer`] and [`dgram_fds`]: a datagram socketpair standing in for the
 //!   TAP.
@@ -25,7 +26,7 @@ mod memory;
 mod peer;
 
 pub use driver::{
-    desc, Desc, RingDriver, RingLayout, UsedElem, DESC_SIZE, F_INDIRECT, F_NEXT, F_WRITE,
+    desc, Desc, RingDriver, RingLayout, RingProbe, UsedElem, DESC_SIZE, F_INDIRECT, F_NEXT, F_WRITE,
 };
 pub use memory::{
     BumpAllocator, GuestMemory, GuestRegion, RegionLayout, TestMemory, BUF_BASE, MEM_BASE,

@@ -99,6 +99,14 @@ fn ring_layout_and_indices_follow_the_spec() {
     assert_eq!(q.in_flight(), 298);
     mem.store_u16(layout.used + 4 + 8 * 256, 77);
     assert_eq!(q.avail_event(), 77);
+    let probe = q.probe();
+    assert_eq!((probe.avail_idx(), probe.used_idx()), (300, 2));
+    assert_eq!(probe.layout(), layout);
+    // A probe sees what the ring holds, not what the driver thinks.
+    q.set_avail_idx(7);
+    mem.store_u16(layout.used + 2, 3);
+    let seen = std::thread::spawn(move || (probe.avail_idx(), probe.used_idx()));
+    assert_eq!(seen.join().unwrap(), (7, 3));
 }
 
 #[test]

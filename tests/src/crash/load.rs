@@ -14,20 +14,18 @@
 //! [`Records`] say what happened.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use qpnet_secondary::test_util::RingProbe;
 
 use super::cpu_wait::LoadThreads;
 use super::realtime_ns;
 use super::records::{Arrival, Records, RingEnd, RxArrival};
 use super::stamped::StampedTap;
 use crate::frames::{build, mixed_len, parse, verify, FrameId, FrameKind, FrameSpec};
-use crate::memory::GuestMemory;
 use crate::tap_io::TapSocket;
 use crate::traffic::tx_frame;
-use crate::virtq::RingLayout;
 use crate::vmm::Vmm;
 
 /// `FrameId::queue` of the RX test frames (apart from TX queue numbers and
@@ -81,25 +79,6 @@ struct Live {
     driver_tid: AtomicU32,
     /// The RX sender thread's tid, once it runs (0 before).
     sender_tid: AtomicU32,
-}
-
-/// Reads one ring's indices straight from guest memory.
-#[derive(Debug, Clone)]
-pub struct RingProbe {
-    mem: Arc<GuestMemory>,
-    layout: RingLayout,
-}
-
-impl RingProbe {
-    /// The avail index the driver published.
-    pub fn avail_idx(&self) -> u16 {
-        self.mem.load_u16(self.layout.avail + 2)
-    }
-
-    /// The used index the device published.
-    pub fn used_idx(&self) -> u16 {
-        self.mem.load_u16(self.layout.used + 2)
-    }
 }
 
 /// What the test's closure sees of a running load.
@@ -202,14 +181,7 @@ pub fn run_load<R>(
         driver_tid: AtomicU32::new(0),
         sender_tid: AtomicU32::new(0),
     };
-    let tx_probes: Vec<RingProbe> = vmm
-        .tx
-        .iter()
-        .map(|t| RingProbe {
-            mem: vmm.memory().clone(),
-            layout: t.queue.layout(),
-        })
-        .collect();
+    let tx_probes: Vec<RingProbe> = vmm.tx.iter().map(|t| t.queue.probe()).collect();
     std::thread::scope(|s| {
         let live = &live;
         let collector = s.spawn(move || collect_tx(stamped, queues, live));
@@ -338,7 +310,7 @@ fn push_tick(vmm: &mut Vmm, live: &Live, pushed_at: &mut [Vec<u64>]) -> Result<(
         // avail index a test reads from guest memory.
         live.pushed[q].store(u64::from(seq) + 1, Ordering::Release);
         let t = realtime_ns();
-        tx.flush()?;
+        tx.flush();
         pushed_at[q].push(t);
     }
     Ok(())

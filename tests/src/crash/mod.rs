@@ -29,7 +29,8 @@ pub mod stamped;
 pub mod verdict;
 
 pub use analysis::{analyze, Analysis, KillEvent, KillOutcome, BASELINE_NS};
-pub use load::{run_load, unwrap_index, LoadConfig, LoadView, RingProbe, RX_TAG};
+pub use load::{run_load, unwrap_index, LoadConfig, LoadView, RX_TAG};
+pub use qpnet_secondary::test_util::RingProbe;
 pub use records::{Arrival, Records, RingEnd, RxArrival};
 pub use stamped::StampedTap;
 pub use verdict::{check_kills, report};
