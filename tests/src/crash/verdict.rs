@@ -181,25 +181,7 @@ pub fn check_kills(a: &Analysis, kills: &[KillEvent], recovery_limit_ns: u64) ->
         if a.rx_sent > 0 {
             recovery("RX", o.rx_recovery_ns);
         }
-        let mut worst: Option<(&str, String)> = None;
-        for (dir, st) in [("TX", o.others_tx), ("RX", o.others_rx)] {
-            match judge_stall(st) {
-                StallVerdict::Within => {}
-                StallVerdict::Failed(line) if st.ns > STALL_HARD_LIMIT_NS => {
-                    failures.push(format!("{what}: {dir} {line}, over the hard limit"))
-                }
-                StallVerdict::Failed(line) => {
-                    worst = Some(("OVER THE LIMIT", format!("{what}: {dir} {line}")))
-                }
-                StallVerdict::Excused(line) => {
-                    worst.get_or_insert((
-                        "EXCUSED (CPU wait inside it)",
-                        format!("{what}: {dir} {line}"),
-                    ));
-                }
-            }
-        }
-        long.extend(worst);
+        judge_others(&what, o, &mut failures, &mut long);
         if o.rx_lost > RX_IN_FLIGHT_MAX {
             failures.push(format!(
                 "{what}: {} RX frames lost, more than a worker can hold unpublished \
@@ -229,6 +211,53 @@ pub fn check_kills(a: &Analysis, kills: &[KillEvent], recovery_limit_ns: u64) ->
         ms(before_p99),
         ms(before_max)
     )
+}
+
+/// The other queue pairs' stalls after one kill (`what`): over the hard
+/// limit into `failures`, over the limit (the worse of TX and RX) into
+/// `long` with its label.
+fn judge_others(
+    what: &str,
+    o: &KillOutcome,
+    failures: &mut Vec<String>,
+    long: &mut Vec<(&'static str, String)>,
+) {
+    let mut worst: Option<(&'static str, String)> = None;
+    for (dir, st) in [("TX", o.others_tx), ("RX", o.others_rx)] {
+        match judge_stall(st) {
+            StallVerdict::Within => {}
+            StallVerdict::Failed(line) if st.ns > STALL_HARD_LIMIT_NS => {
+                failures.push(format!("{what}: {dir} {line}, over the hard limit"))
+            }
+            StallVerdict::Failed(line) => {
+                worst = Some(("OVER THE LIMIT", format!("{what}: {dir} {line}")))
+            }
+            StallVerdict::Excused(line) => {
+                worst.get_or_insert((
+                    "EXCUSED (CPU wait inside it)",
+                    format!("{what}: {dir} {line}"),
+                ));
+            }
+        }
+    }
+    long.extend(worst);
+}
+
+/// Only the other queue pairs' side of [`check_kills`]: their stalls after
+/// each kill (for kills whose own queue pair is not expected to recover in
+/// time, such as one that fails its queue pair).
+pub fn check_others(a: &Analysis, kills: &[KillEvent]) -> Result<()> {
+    let mut failures = Vec::new();
+    let mut long = Vec::new();
+    for (k, (o, ev)) in a.kills.iter().zip(kills).enumerate() {
+        let what = format!("kill {k} ({} of queue pair {})", ev.signal, ev.queue);
+        judge_others(&what, o, &mut failures, &mut long);
+    }
+    check_long(a, kills.len(), &long, &mut failures);
+    if failures.is_empty() {
+        return Ok(());
+    }
+    bail!("{}", failures.join("\n"))
 }
 
 /// What a stall of another queue pair after a kill comes to.
@@ -317,7 +346,12 @@ impl std::fmt::Display for Noise {
 /// share plus twice what the machine's own rate of such stalls away from
 /// kills predicts for the kill windows, a rate that must then itself be at
 /// most [`NOISE_RATE_LIMIT`].
-fn check_long(a: &Analysis, kills: usize, long: &[(&str, String)], failures: &mut Vec<String>) {
+fn check_long(
+    a: &Analysis,
+    kills: usize,
+    long: &[(&'static str, String)],
+    failures: &mut Vec<String>,
+) {
     let share = (kills * LONG_SHARE_PERCENT).div_ceil(100);
     for (label, line) in long {
         println!("{label}: {line}");
@@ -360,11 +394,16 @@ fn check_medians(a: &Analysis, failures: &mut Vec<String>) {
     }
 }
 
-/// `a` restricted to the kills in `range` (problems kept).
+/// `a` restricted to the kills in `range` (the run's invariants, RX
+/// figures and the machine's noise away from kills kept).
 pub fn a_subset(a: &Analysis, range: std::ops::Range<usize>) -> Analysis {
     Analysis {
         kills: a.kills[range].to_vec(),
         problems: a.problems.clone(),
+        quiet_stall_ns: a.quiet_stall_ns,
+        away: a.away.clone(),
+        rx_sent: a.rx_sent,
+        rx_silent_queues: a.rx_silent_queues.clone(),
         ..Analysis::default()
     }
 }
