@@ -185,7 +185,7 @@ mod tests {
             info: RegionInfo {
                 guest_phys_addr: gpa,
                 memory_size: size,
-                user_addr: 0x7f00_0000_0000 + gpa,
+                user_addr: 0x7f00_0000_0000u64.wrapping_add(gpa),
                 mmap_offset,
             },
             file: memfd(file_len),
