@@ -7,6 +7,8 @@
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+use crate::tx_header::TxOffloads;
+
 /// Length of an Ethernet header: the shortest frame worth sending.
 pub const ETH_HLEN: u32 = 14;
 /// Largest frame (without the virtio-net header) the TX path accepts: a
@@ -28,6 +30,8 @@ pub struct NetFeatures {
     pub header_len: u32,
     /// Largest frame (without header) the TAP may deliver.
     pub max_rx_frame: u32,
+    /// What a TX frame's virtio-net header may ask for.
+    pub tx_offloads: TxOffloads,
 }
 
 impl Default for NetFeatures {
@@ -39,6 +43,7 @@ impl Default for NetFeatures {
             mergeable_rx: false,
             header_len: 12,
             max_rx_frame: 1514,
+            tx_offloads: TxOffloads::default(),
         }
     }
 }
@@ -69,6 +74,7 @@ impl NetFeatures {
             mergeable_rx,
             header_len,
             max_rx_frame,
+            tx_offloads: TxOffloads::from_features(features),
         })
     }
 

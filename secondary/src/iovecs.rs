@@ -14,7 +14,10 @@
 //! Entries are added only by translating guest buffers
 //! (`GuestMemoryMap::translate`), so every entry points into the map the list
 //! borrows; that is what makes the copies below and the system calls of the
-//! frame I/O sound. Raw `iovec`s (not `IoSlice`) are used on purpose: guest
+//! frame I/O sound. The one exception is [`IoVecs::with_prefix`]: for the
+//! length of one call, the first entry points at a buffer of ours that the
+//! call borrows mutably (the TX path's checked copy of the virtio-net
+//! header, so the kernel never reads the header from guest memory). Raw `iovec`s (not `IoSlice`) are used on purpose: guest
 //! memory changes under our feet, and Rust references to it would promise the
 //! opposite.
 
@@ -110,6 +113,59 @@ impl IoVecs<'_> {
         for v in self.list.drain(..n) {
             self.total -= v.iov_len as u64;
         }
+    }
+
+    /// Drop the first `n` bytes of the area (whole entries, then the front
+    /// of the next); fewer when the area is shorter.
+    pub fn skip_bytes(&mut self, n: usize) {
+        let mut left = n;
+        let whole = self
+            .list
+            .iter()
+            .take_while(|v| {
+                let all = v.iov_len <= left;
+                if all {
+                    left -= v.iov_len;
+                }
+                all
+            })
+            .count();
+        self.remove_front(whole);
+        if let Some(v) = self.list.first_mut() {
+            let cut = left.min(v.iov_len);
+            // The entry still points inside the same guest buffer (`cut` is
+            // at most its length), so `push`'s contract still holds.
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(cut).cast();
+            v.iov_len -= cut;
+            self.total -= cut as u64;
+        }
+    }
+
+    /// Run `f` with `prefix` (our own memory) as the first entry, for one
+    /// `writev` or `readv` of prefix + area; the entry is removed again
+    /// before this returns. `prefix` is borrowed mutably for the call, so
+    /// the kernel may read or write it. Fails, running nothing, when the
+    /// list is full.
+    pub fn with_prefix<R>(
+        &mut self,
+        prefix: &mut [u8],
+        f: impl FnOnce(&IoVecs<'_>) -> R,
+    ) -> Result<R, TooManySegments> {
+        if self.list.len() >= MAX_IOVECS {
+            return Err(TooManySegments);
+        }
+        self.list.insert(
+            0,
+            libc::iovec {
+                iov_base: prefix.as_mut_ptr().cast(),
+                iov_len: prefix.len(),
+            },
+        );
+        self.total += prefix.len() as u64;
+        let r = f(self);
+        self.list.remove(0);
+        self.total -= prefix.len() as u64;
+        Ok(r)
     }
 
     /// The entries, for `readv`/`writev`: each points into live guest memory
@@ -249,5 +305,49 @@ mod tests {
         assert_eq!(v.len(), MAX_IOVECS);
         let v = buf.bind(&m.map);
         assert_eq!((v.len(), v.total()), (0, 0));
+    }
+
+    #[test]
+    fn skipping_bytes_and_a_prefix_in_front() {
+        let m = TestMemory::new();
+        let (a, b) = (BUF_BASE, BUF_BASE + 0x1000);
+        m.write(a, &[1, 2, 3, 4, 5]);
+        m.write(b, &[6, 7, 8]);
+        let mut buf = IoVecBuf::new();
+        let mut v = buf.bind(&m.map);
+        // A 4-byte "header" in 1 + 3 bytes, then the rest.
+        m.map.translate(a, 1, &mut v).unwrap();
+        m.map.translate(a + 1, 4, &mut v).unwrap();
+        m.map.translate(b, 3, &mut v).unwrap();
+        v.skip_bytes(4);
+        assert_eq!((v.len(), v.total()), (2, 4));
+        let mut out = [0u8; 4];
+        assert_eq!(v.read_at(0..2, 0, &mut out), 4);
+        assert_eq!(out, [5, 6, 7, 8]);
+        let mut prefix = [9u8, 9];
+        let seen = v
+            .with_prefix(&mut prefix, |f| {
+                let mut all = [0u8; 6];
+                (f.len(), f.total(), f.read_at(0..f.len(), 0, &mut all), all)
+            })
+            .unwrap();
+        assert_eq!(seen, (3, 6, 6, [9, 9, 5, 6, 7, 8]));
+        // The prefix is gone again.
+        assert_eq!((v.len(), v.total()), (2, 4));
+        v.skip_bytes(100);
+        assert_eq!((v.len(), v.total()), (0, 0));
+    }
+
+    #[test]
+    fn a_full_list_takes_no_prefix() {
+        let m = TestMemory::new();
+        let mut buf = IoVecBuf::new();
+        let mut v = buf.bind(&m.map);
+        for _ in 0..MAX_IOVECS {
+            m.map.translate(BUF_BASE, 1, &mut v).unwrap();
+        }
+        let mut prefix = [0u8; 12];
+        assert!(v.with_prefix(&mut prefix, |_| ()).is_err());
+        assert_eq!(v.len(), MAX_IOVECS);
     }
 }

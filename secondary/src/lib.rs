@@ -35,6 +35,7 @@ mod ring;
 mod rx;
 mod tap;
 mod tx;
+pub mod tx_header;
 mod worker;
 
 #[cfg(any(test, feature = "test-utils"))]

@@ -2,9 +2,11 @@
 //!
 //! One run drains up to a budget of chains. Each chain is walked into host
 //! iovecs (every descriptor device-readable, inside guest memory) and sent
-//! with one `writev` straight from guest memory: the virtio-net header goes
-//! to the TAP as it is (IFF_VNET_HDR), nothing is copied. A chain that is
-//! refused (bad descriptor, runt, oversized) or that the frame I/O refuses is
+//! with one `writev` straight from guest memory, except for the virtio-net
+//! header: it is copied out once, checked against the negotiated offloads
+//! and the frame ([`crate::tx_header`]), and the TAP (IFF_VNET_HDR) gets
+//! that copy. A chain that is refused (bad descriptor, runt, oversized, a
+//! malformed header) or that the frame I/O refuses is
 //! still completed, with length 0, and counted: the guest gets its buffers
 //! back and the queue goes on. Kicks are suppressed while draining and
 //! re-armed at the end; the guest is interrupted at most once per run.
@@ -22,6 +24,7 @@ use crate::features::{ETH_HLEN, MAX_TX_FRAME};
 use crate::iovecs::{IoVecBuf, IoVecs};
 use crate::queue::{PathCtx, RingSlot};
 use crate::ring::{Ring, RingFault};
+use crate::tx_header::TxHeader;
 use qpnet_shared::Direction;
 
 /// How a TX run ended.
@@ -240,13 +243,32 @@ impl TxRun<'_> {
                 .refused(head, format_args!("frame of {total} bytes is too large"));
             return Sent::Done;
         }
-        match ctx.io.write_frame(&self.frame) {
+        // The runt check above guarantees the whole header is there.
+        let Some(mut hdr) = TxHeader::read(&self.frame, header as usize) else {
+            ctx.counters.drop_runt += 1;
+            return Sent::Done;
+        };
+        if let Err(fault) = hdr.check(ctx.features.tx_offloads, total - header) {
+            fault.count(ctx.counters);
+            self.log.refused(head, format_args!("{fault}"));
+            return Sent::Done;
+        }
+        // From here on the frame is our checked copy of the header, then the
+        // guest's bytes after it: the kernel never reads the header from
+        // guest memory, so the guest cannot change it after the check.
+        self.frame.skip_bytes(header as usize);
+        let io = ctx.io;
+        let written = self
+            .frame
+            .with_prefix(hdr.bytes_mut(), |frame| io.write_frame(frame))
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
             Ok(_) => {
                 ctx.counters.tx_frames += 1;
                 ctx.counters.tx_bytes += total - header;
                 let (frame, all) = (&self.frame, 0..self.frame.len());
                 ctx.flows.note(Direction::Tx, total - header, |head| {
-                    frame.read_at(all, header as usize, head)
+                    frame.read_at(all, 0, head)
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Sent::Blocked,

@@ -97,6 +97,11 @@ queue_stats! {
         drop_bad_descriptor: "Chains refused because a descriptor was invalid (out of guest memory, looping, wrong direction, too long).",
         drop_runt: "TX chains shorter than the virtio-net header.",
         drop_tap_error: "Frames the TAP refused on write.",
+        drop_hdr_flags: "TX frames dropped: virtio-net header flags not allowed (unknown bits, or NEEDS_CSUM without checksum offload).",
+        drop_hdr_gso: "TX frames dropped: a GSO type that is unknown or was not negotiated.",
+        drop_hdr_gso_size: "TX frames dropped: a GSO type with gso_size 0.",
+        drop_hdr_len: "TX frames dropped: the header's hdr_len points past the end of the frame.",
+        drop_hdr_csum: "TX frames dropped: the partial checksum lies past the end of the frame.",
         rx_no_buffer: "Times the TAP had frames while the RX ring had no buffer.",
         tx_kicks: "Kicks received on the TX ring.",
         rx_kicks: "Kicks received on the RX ring.",
@@ -147,13 +152,13 @@ impl QueueStats {
     }
 }
 
-// The layout every process of an instance agrees on (LAYOUT_VERSION 2).
-const _: () = assert!(std::mem::size_of::<QueueStats>() == 192);
+// The layout every process of an instance agrees on (LAYOUT_VERSION 3).
+const _: () = assert!(std::mem::size_of::<QueueStats>() == 256);
 const _: () = assert!(std::mem::size_of::<QueueStats>().is_multiple_of(64));
 const _: () = assert!(std::mem::align_of::<QueueStats>() == 64);
-const _: () = assert!(std::mem::offset_of!(QueueStats, heartbeat_ns) == 13 * 8);
-const _: () = assert!(std::mem::offset_of!(QueueStats, flows_created) == 16 * 8);
-const _: () = assert!(QUEUE_COUNTERS.len() == 18);
+const _: () = assert!(std::mem::offset_of!(QueueStats, heartbeat_ns) == 18 * 8);
+const _: () = assert!(std::mem::offset_of!(QueueStats, flows_created) == 21 * 8);
+const _: () = assert!(QUEUE_COUNTERS.len() == 23);
 
 #[cfg(test)]
 mod tests {
@@ -166,7 +171,7 @@ mod tests {
             (c.field)(&q).store(i as u64 + 1, Ordering::Relaxed);
         }
         assert_eq!(QueueStats::get(&q.tx_frames), 1);
-        assert_eq!(QueueStats::get(&q.flow_affinity_misses), 18);
+        assert_eq!(QueueStats::get(&q.flow_affinity_misses), 23);
         assert_eq!(
             QUEUE_COUNTERS[CounterId::flows_expired as usize].name,
             "flows_expired"
@@ -182,7 +187,12 @@ mod tests {
                 "drop_too_large",
                 "drop_bad_descriptor",
                 "drop_runt",
-                "drop_tap_error"
+                "drop_tap_error",
+                "drop_hdr_flags",
+                "drop_hdr_gso",
+                "drop_hdr_gso_size",
+                "drop_hdr_len",
+                "drop_hdr_csum"
             ]
         );
     }

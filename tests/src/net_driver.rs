@@ -90,6 +90,15 @@ impl TxDriver {
 
     /// Queue a frame (header + frame) if a slot is free; not published yet.
     pub fn try_push(&mut self, frame: &[u8]) -> Result<bool> {
+        self.try_push_with_header(&[0; NET_HDR_LEN], frame)
+    }
+
+    /// [`TxDriver::try_push`] with the virtio-net header `header`.
+    pub fn try_push_with_header(
+        &mut self,
+        header: &[u8; NET_HDR_LEN],
+        frame: &[u8],
+    ) -> Result<bool> {
         if frame.len() + NET_HDR_LEN > TX_BUF_SIZE as usize {
             bail!("frame of {} bytes does not fit a TX buffer", frame.len());
         }
@@ -98,7 +107,7 @@ impl TxDriver {
         };
         let mem = self.queue.memory().clone();
         let buf = self.buf_base + u64::from(slot) * TX_BUF_SIZE;
-        mem.fill(buf, NET_HDR_LEN, 0);
+        mem.write(buf, header);
         mem.write(buf + NET_HDR_LEN as u64, frame);
         let head = 2 * slot;
         if self.split_header && self.chains_sent % 2 == 1 {

@@ -47,6 +47,10 @@ pub mod req {
 /// Virtio feature bits used by the tests.
 #[allow(missing_docs)]
 pub mod feature {
+    pub const CSUM: u64 = 1 << 0;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_ECN: u64 = 1 << 13;
     pub const MRG_RXBUF: u64 = 1 << 15;
     pub const MQ: u64 = 1 << 22;
     pub const INDIRECT_DESC: u64 = 1 << 28;

@@ -59,6 +59,9 @@ pub struct VmmConfig {
     /// Post every RX buffer once the rings are set up (hostile tests turn
     /// this off to place their own chains first).
     pub post_rx: bool,
+    /// Negotiate the TX offloads qpnet offers: CSUM, HOST_TSO4, HOST_TSO6,
+    /// HOST_ECN.
+    pub tx_offloads: bool,
 }
 
 impl Default for VmmConfig {
@@ -74,6 +77,7 @@ impl Default for VmmConfig {
             split_tx_header: true,
             reply_timeout: Duration::from_secs(10),
             post_rx: true,
+            tx_offloads: false,
         }
     }
 }
@@ -269,6 +273,9 @@ fn wanted_features(c: &VmmConfig) -> u64 {
     }
     if c.indirect_desc {
         f |= feature::INDIRECT_DESC;
+    }
+    if c.tx_offloads {
+        f |= feature::CSUM | feature::HOST_TSO4 | feature::HOST_TSO6 | feature::HOST_ECN;
     }
     f
 }

@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use qpnet_shared::{SharedRegion, LAYOUT_VERSION, MAGIC};
+use qpnet_shared::{QueueStats, RegionHeader, SharedRegion, LAYOUT_VERSION, MAGIC};
 use qpnet_tests::binary::{ensure_exit, qpnet_binary, run_bounded, run_qpnet};
 use qpnet_tests::prometheus;
 use qpnet_tests::stats_json::StatsDoc;
@@ -201,8 +201,9 @@ fn stats_on_a_corrupted_region_prints_without_crashing() -> Result<()> {
     file.write_all_at(&noise(40), 24)?;
     file.write_all_at(&noise(64), 128)?;
     file.write_all_at(&noise(len as usize - 192), 192)?;
-    // One state far out of range, for certain.
-    file.write_all_at(&0xdead_beefu32.to_le_bytes(), 192 + 124)?;
+    // One state far out of range, for certain: queue pair 0's `state`.
+    let state_at = std::mem::size_of::<RegionHeader>() + std::mem::offset_of!(QueueStats, state);
+    file.write_all_at(&0xdead_beefu32.to_le_bytes(), state_at as u64)?;
     for extra in [&[][..], &["--json", "--top", "1000"], &["--prometheus"]] {
         let mut args = vec!["--name", name, "--runtime-dir", base.arg()];
         args.extend_from_slice(extra);

@@ -39,6 +39,7 @@ fn random_runs_publish_only_whole_frames() {
         mergeable_rx: true,
         header_len: 12,
         max_rx_frame: 1514,
+        ..NetFeatures::default()
     };
     let mut d = Driver {
         last_used: 0,

@@ -20,6 +20,7 @@ fn features(mergeable: bool, max_rx_frame: u32) -> NetFeatures {
         mergeable_rx: mergeable,
         header_len: 12,
         max_rx_frame,
+        ..NetFeatures::default()
     }
 }
 
