@@ -80,6 +80,12 @@ pub struct RunArgs {
     /// stays empty). For measuring what tracking costs.
     #[arg(long)]
     pub no_flow_tracking: bool,
+    /// The user the workers run as once they have given up their
+    /// capabilities (they parse guest memory; they need no privilege).
+    /// Default when qpnet runs as root: `nobody`; otherwise the user qpnet
+    /// runs as.
+    #[arg(long, value_name = "USER")]
+    pub worker_user: Option<String>,
 }
 
 /// Options of `qpnet retry`.
@@ -102,6 +108,10 @@ pub struct WorkerArgs {
     /// The inherited control socket (SOCK_SEQPACKET).
     #[arg(long, value_name = "FD", default_value_t = qpnet_ipc::WORKER_CONTROL_FD)]
     pub control_fd: i32,
+    /// Become this user and group (numeric `UID:GID`) when giving up
+    /// privileges at start (given by `qpnet run --worker-user`).
+    #[arg(long, value_name = "UID:GID")]
+    pub run_as: Option<qpnet_secondary::RunAs>,
 }
 
 /// Options of `qpnet stats`.

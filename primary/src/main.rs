@@ -45,7 +45,7 @@ fn main() {
             // exec; nothing else in this process owns it. Channel::from_fd
             // checks that it is a SOCK_SEQPACKET socket.
             let fd = unsafe { OwnedFd::from_raw_fd(args.control_fd) };
-            match qpnet_secondary::run_worker(args.queue_pair, fd) {
+            match qpnet_secondary::run_worker(args.queue_pair, fd, args.run_as) {
                 Ok(()) => 0,
                 Err(e) => {
                     log::error!("{e:#}");

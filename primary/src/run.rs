@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
+use qpnet_secondary::RunAs;
 use qpnet_shared::SharedRegion;
 
 use crate::backend::Backend;
@@ -82,6 +83,7 @@ fn qemu_hint(args: &RunArgs, qp: u16) -> String {
 pub fn run(args: RunArgs) -> Result<()> {
     runtime::validate_name(&args.name)?;
     tap::validate_name(&args.tap)?;
+    let run_as = worker_user(args.worker_user.as_deref())?;
     let qp = args.queue_pairs.unwrap_or_else(cli::default_queue_pairs);
     if !has_cap_net_admin() {
         bail!("qpnet run needs CAP_NET_ADMIN to open TAP queues: run it as root (e.g. with sudo)");
@@ -141,7 +143,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let supervisor = Supervisor::new(Instance {
         tap,
         shared,
-        launcher: Box::new(ProcessLauncher::new(binary)),
+        launcher: Box::new(ProcessLauncher::new(binary, run_as)),
         policy,
         flow_tracking: !args.no_flow_tracking,
     });
@@ -191,4 +193,21 @@ pub fn retry(args: crate::cli::RetryArgs) -> Result<()> {
         args.name
     );
     Ok(())
+}
+
+/// The user workers become: `name`, or `nobody` when qpnet runs as root and
+/// no name is given, or none (they stay the user qpnet runs as).
+fn worker_user(name: Option<&str>) -> Result<Option<RunAs>> {
+    let name = match name {
+        Some(n) => n,
+        None if nix::unistd::Uid::effective().is_root() => "nobody",
+        None => return Ok(None),
+    };
+    let user = nix::unistd::User::from_name(name)
+        .with_context(|| format!("looking up --worker-user {name}"))?
+        .with_context(|| format!("--worker-user {name}: no such user"))?;
+    Ok(Some(RunAs {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    }))
 }

@@ -33,6 +33,7 @@ mod queue;
 mod queue_pair;
 mod ring;
 mod rx;
+mod sandbox;
 mod tap;
 mod tx;
 pub mod tx_header;
@@ -44,4 +45,5 @@ pub mod test_util;
 mod worker_tests;
 
 pub use guest_memory::{GuestMemoryMap, MemoryError};
+pub use sandbox::{RunAs, SandboxError};
 pub use worker::run_worker;

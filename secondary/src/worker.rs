@@ -24,14 +24,23 @@ use qpnet_ipc::Channel;
 use crate::control::{Control, Flow};
 use crate::events::{Events, Wake};
 use crate::queue_pair::QueuePair;
+use crate::sandbox::{self, RunAs};
 
 /// Longest sleep of the loop, so the heartbeat keeps moving when idle.
 const IDLE_WAIT_MS: u16 = 250;
 
 /// Serve queue pair `queue_pair` over the control socket `control` until
-/// told to stop or the primary goes away.
-pub fn run_worker(queue_pair: u16, control: OwnedFd) -> anyhow::Result<()> {
+/// told to stop or the primary goes away; first give up every privilege
+/// (as user `run_as` when given: [`crate::sandbox`]).
+pub fn run_worker(queue_pair: u16, control: OwnedFd, run_as: Option<RunAs>) -> anyhow::Result<()> {
     crash_if_told(queue_pair);
+    sandbox::enter(run_as).context("dropping privileges")?;
+    serve(queue_pair, control)
+}
+
+/// [`run_worker`] without the sandbox (the unit tests run workers as
+/// threads of the test process).
+pub(crate) fn serve(queue_pair: u16, control: OwnedFd) -> anyhow::Result<()> {
     let channel = Channel::from_fd(control).context("control fd")?;
     let control = Control::new(queue_pair, channel);
     let events = Events::new(queue_pair, control.fd()).context("epoll set")?;

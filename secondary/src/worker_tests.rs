@@ -10,10 +10,10 @@ use std::time::Duration;
 use qpnet_ipc::{Channel, MemoryRegion, Reply, Request, RingKind, PROTOCOL_VERSION};
 use qpnet_shared::{QueueStats, SharedRegion};
 
-use crate::run_worker;
 use crate::test_util::{
     desc, dgram_fds, wait_for, Peer, TestMemory, BUF_BASE, F_WRITE, MEM_BASE, SECOND_RING,
 };
+use crate::worker::serve;
 
 const QP: u16 = 1;
 const EVENT_IDX: u64 = 1 << 29;
@@ -27,7 +27,7 @@ struct Harness {
 impl Harness {
     fn spawn() -> Harness {
         let (ours, theirs) = Channel::pair().expect("channel pair");
-        let thread = std::thread::spawn(move || run_worker(QP, OwnedFd::from(theirs)));
+        let thread = std::thread::spawn(move || serve(QP, OwnedFd::from(theirs)));
         Harness {
             channel: ours,
             thread: Some(thread),

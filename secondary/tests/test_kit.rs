@@ -47,7 +47,7 @@ fn a_worker_driven_with_the_public_kit_moves_frames_both_ways() {
     let mut bufs = BumpAllocator::new(&mem.regions()[1]);
 
     let (ours, theirs) = Channel::pair().expect("channel pair");
-    let worker = std::thread::spawn(move || run_worker(0, OwnedFd::from(theirs)));
+    let worker = std::thread::spawn(move || run_worker(0, OwnedFd::from(theirs), None));
     let hello = Request::Hello {
         version: PROTOCOL_VERSION,
         queue_pair: 0,

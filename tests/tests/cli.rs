@@ -264,6 +264,35 @@ fn run_time_errors_exit_1_and_leave_nothing_behind() -> Result<()> {
             "{what}: the existing TAP is gone: {links}"
         );
     }
+    // A worker user that does not exist: refused before anything is made.
+    let name = unique_name();
+    let socket = temp_socket().to_string_lossy().into_owned();
+    let what = "a --worker-user that does not exist";
+    let out = run_in(
+        &ns,
+        &[
+            "--socket",
+            &socket,
+            "--tap",
+            "qpnew0",
+            "--name",
+            &name,
+            "--worker-user",
+            "qpnet-no-such-user",
+        ],
+    )?;
+    ensure_exit(
+        what,
+        &out,
+        EXIT_ERROR,
+        &["--worker-user qpnet-no-such-user: no such user"],
+    )?;
+    ensure_no_runtime_dir(what, &name)?;
+    let links = ns.ip(&["-o", "link", "show"])?;
+    ensure!(
+        !links.contains("qpnew0"),
+        "{what}: a TAP was created: {links}"
+    );
     ensure!(
         std::fs::read(&file)? == b"not a socket",
         "the regular file at the socket path was changed"

@@ -40,6 +40,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::{dup2_raw, getppid, Pid};
 use qpnet_ipc::{Channel, Reply, Request, WORKER_CONTROL_FD};
+use qpnet_secondary::RunAs;
 
 use super::link::{Launch, LaunchError, LinkError, WorkerLink};
 
@@ -88,12 +89,14 @@ impl WorkerBinary {
 /// Starts worker processes.
 pub struct ProcessLauncher {
     binary: WorkerBinary,
+    run_as: Option<RunAs>,
 }
 
 impl ProcessLauncher {
-    /// A launcher exec'ing `binary`.
-    pub fn new(binary: WorkerBinary) -> ProcessLauncher {
-        ProcessLauncher { binary }
+    /// A launcher exec'ing `binary`, whose workers become `run_as` (when
+    /// given) as they give up their privileges.
+    pub fn new(binary: WorkerBinary, run_as: Option<RunAs>) -> ProcessLauncher {
+        ProcessLauncher { binary, run_as }
     }
 }
 
@@ -158,6 +161,9 @@ impl Launch for ProcessLauncher {
             .arg("--control-fd")
             .arg(WORKER_CONTROL_FD.to_string())
             .stdin(Stdio::null());
+        if let Some(r) = self.run_as {
+            cmd.arg("--run-as").arg(r.to_string());
+        }
         // SAFETY: the closure runs in the child between fork and exec, where
         // only async-signal-safe calls are allowed: prepare_child makes
         // system calls only and allocates nothing. `control` stays open in
