@@ -86,6 +86,15 @@ pub struct RunArgs {
     /// runs as.
     #[arg(long, value_name = "USER")]
     pub worker_user: Option<String>,
+    /// Give the listening socket to this group too (mode 0660), for a VMM
+    /// running as another user in that group. Default: owner only (0600).
+    #[arg(long, value_name = "GROUP", conflicts_with = "connect")]
+    pub socket_group: Option<String>,
+    /// Serve only VMMs whose connection comes from one of these uids
+    /// (SO_PEERCRED); others are refused and logged. Default: any peer
+    /// that can reach the socket.
+    #[arg(long, value_name = "UID[,UID...]", value_delimiter = ',')]
+    pub allow_uid: Option<Vec<u32>>,
 }
 
 /// Options of `qpnet retry`.

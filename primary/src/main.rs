@@ -2,6 +2,7 @@
 //! (`worker`, started by the primary with fork+exec of this same file), the
 //! `stats` reader and `retry`.
 
+mod access;
 mod backend;
 mod cli;
 mod device;

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use qpnet_secondary::RunAs;
 use qpnet_shared::SharedRegion;
 
+use crate::access::{self, Access};
 use crate::backend::Backend;
 use crate::cli::{self, RunArgs};
 use crate::device::{Device, DeviceConfig};
@@ -84,6 +85,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     runtime::validate_name(&args.name)?;
     tap::validate_name(&args.tap)?;
     let run_as = worker_user(args.worker_user.as_deref())?;
+    let socket_group = args
+        .socket_group
+        .as_deref()
+        .map(access::group)
+        .transpose()?;
+    let access = Access {
+        allow_uids: args.allow_uid.clone(),
+    };
     let qp = args.queue_pairs.unwrap_or_else(cli::default_queue_pairs);
     if !has_cap_net_admin() {
         bail!("qpnet run needs CAP_NET_ADMIN to open TAP queues: run it as root (e.g. with sudo)");
@@ -120,6 +129,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         let l = UnixListener::bind(&args.socket)
             .with_context(|| format!("listening on {}", args.socket.display()))?;
+        // Before the first accept: nobody else can have been served.
+        access::restrict_socket(&args.socket, socket_group)?;
         Endpoint::Listen(l, args.socket.clone())
     };
     log::info!(
@@ -156,7 +167,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         backend,
         reply_lost: false,
     }));
-    let mut server = Server::new(endpoint, dev.clone(), signals);
+    let mut server = Server::new(endpoint, access, dev.clone(), signals);
     let exit = server.serve();
     log::info!("shutting down ({exit:?})");
     dev.lock()

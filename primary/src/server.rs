@@ -22,6 +22,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
+use crate::access::Access;
 use crate::vhost_user::VhostUserDevice;
 
 /// Longest a VMM may take to finish sending one message, or to take our
@@ -52,6 +53,7 @@ enum Wake {
 /// The primary's event loop.
 pub struct Server {
     endpoint: Endpoint,
+    access: Access,
     events: Events,
 }
 
@@ -148,10 +150,31 @@ impl Events {
 
 impl Server {
     /// A server for `dev` on `endpoint`.
-    pub fn new(endpoint: Endpoint, dev: Arc<Mutex<VhostUserDevice>>, signals: SignalFd) -> Server {
+    pub fn new(
+        endpoint: Endpoint,
+        access: Access,
+        dev: Arc<Mutex<VhostUserDevice>>,
+        signals: SignalFd,
+    ) -> Server {
         Server {
             endpoint,
+            access,
             events: Events { dev, signals },
+        }
+    }
+
+    /// `stream` if its peer may be served (logged either way).
+    fn admit(&self, stream: UnixStream) -> Option<UnixStream> {
+        match self.access.admit(&stream) {
+            Ok(peer) => {
+                log::info!("VMM connected: {peer}");
+                self.connected();
+                Some(stream)
+            }
+            Err(refusal) => {
+                log::warn!("refused a VMM connection: {refusal}");
+                None
+            }
         }
     }
 
@@ -195,9 +218,9 @@ impl Server {
                     }
                     match listener.accept() {
                         Ok((s, _)) => {
-                            log::info!("VMM connected");
-                            self.connected();
-                            return Ok(Ok(s));
+                            if let Some(s) = self.admit(s) {
+                                return Ok(Ok(s));
+                            }
                         }
                         Err(e) => log::warn!("accept on the vhost-user socket failed: {e}"),
                     }
@@ -206,8 +229,9 @@ impl Server {
                     match UnixStream::connect(path) {
                         Ok(s) => {
                             log::info!("connected to the VMM at {}", path.display());
-                            self.connected();
-                            return Ok(Ok(s));
+                            if let Some(s) = self.admit(s) {
+                                return Ok(Ok(s));
+                            }
                         }
                         Err(e) if !announced => {
                             log::info!("VMM socket {} not ready ({e}); retrying", path.display());
