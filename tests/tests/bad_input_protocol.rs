@@ -1,6 +1,7 @@
 //! Hostile vhost-user messages: unknown and malformed requests, a VMM
 //! that stalls mid-message or never reads its replies, vring indices out of
-//! range, impossible queue sizes, kick and call fds that are not eventfds.
+//! range, impossible queue sizes, kick and call fds that are not eventfds,
+//! a thousand requests carrying fds they should not.
 //! qpnet refuses each one clearly (a nonzero REPLY_ACK, or the connection
 //! closed) and keeps serving: after each group of cases the same qpnet must
 //! serve a fresh VMM connection both ways, with its workers never restarted,
@@ -346,5 +347,77 @@ fn kick_and_call_fds_that_are_not_eventfds_are_refused() -> Result<()> {
         &[e1.as_raw_fd(), e2.as_raw_fd()],
     );
     bed.explain(r.and_then(|reply| ensure_refused("SET_VRING_KICK with two fds", reply)))?;
+    check_unharmed(bed, &workers)
+}
+
+/// 1,000 requests carrying fds they should not (a GET_FEATURES with two
+/// eventfds; a SET_VRING_NUM with one): each is answered or refused, the
+/// stray fds are closed at once, and the primary's and the workers' fd
+/// counts end where they began.
+#[test]
+fn a_thousand_messages_with_stray_fds_leak_nothing() -> Result<()> {
+    let (mut bed, workers) = testbed(QUEUE_PAIRS)?;
+    let result = (|| -> Result<()> {
+        let primary = bed.qpnet.primary();
+        let worker_handles = bed.qpnet.workers();
+        let counts = |hs: &[qpnet_tests::proc::ProcHandle]| -> Result<Vec<usize>> {
+            hs.iter().map(|h| h.fd_count()).collect()
+        };
+        // The baseline is the state between two VMMs: after one plain
+        // session has come and gone (the first connection makes the
+        // primary settle what it kept from start-up).
+        drop(session(&bed)?);
+        let p = &primary;
+        let mut primary_before = 0;
+        let mut prev = usize::MAX;
+        qpnet_tests::wait::wait_for(
+            "the primary between two VMMs",
+            Duration::from_secs(5),
+            || {
+                primary_before = p.fd_count().unwrap_or(usize::MAX);
+                let stable = primary_before == prev;
+                prev = primary_before;
+                stable
+            },
+        )?;
+        let workers_before = counts(&worker_handles)?;
+        let strays = [EventFd::new(0)?, EventFd::new(0)?];
+        let raw_fds: Vec<i32> = strays.iter().map(|e| e.as_raw_fd()).collect();
+        let mut raw = session(&bed)?;
+        let (mut answered, mut closed) = (0, 0);
+        for i in 0..1000 {
+            let reply = if i % 2 == 0 {
+                raw.request(req::GET_FEATURES, &[], &raw_fds)?
+            } else {
+                raw.request(req::SET_VRING_NUM, &vring_state(0, RING), &raw_fds[..1])?
+            };
+            match reply {
+                Reply::Closed => {
+                    closed += 1;
+                    raw = session(&bed)?;
+                }
+                _ => answered += 1,
+            }
+        }
+        drop(raw);
+        eprintln!("stray fds: {answered} requests answered, {closed} connections closed");
+        let mut last = 0;
+        let settled = qpnet_tests::wait::wait_for(
+            "the primary's fd count back where it began",
+            Duration::from_secs(5),
+            || {
+                last = p.fd_count().unwrap_or(usize::MAX);
+                last == primary_before
+            },
+        );
+        settled.with_context(|| format!("primary: {primary_before} fds before, {last} after"))?;
+        let workers_after = counts(&worker_handles)?;
+        ensure!(
+            workers_after == workers_before,
+            "workers' fd counts {workers_before:?} before, {workers_after:?} after"
+        );
+        Ok(())
+    })();
+    bed.explain(result)?;
     check_unharmed(bed, &workers)
 }
