@@ -1,12 +1,13 @@
 //! Hostile memory descriptions: rings outside the memory table, memory
-//! regions that overlap, wrap or cannot be mapped, and regions that reach
-//! past the end of their memfd (an access there would be SIGBUS). qpnet
+//! regions that overlap, wrap or cannot be mapped, regions that reach past
+//! the end of their memfd (an access there would be SIGBUS), and memory
+//! that cannot be mapped writable (a write-sealed memfd, a read-only fd). qpnet
 //! refuses each clearly and keeps serving, unharmed (see
 //! `qpnet_tests::hostile`).
 //!
 //! Needs root and `$QPNET_BIN`.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use anyhow::{ensure, Context, Result};
 use qpnet_secondary::test_util::{GuestMemory, RegionLayout, MEM_BASE};
@@ -192,4 +193,43 @@ fn a_region_past_the_end_of_its_memfd_is_refused_without_sigbus() -> Result<()> 
         "not refused: {accepted:?}; afterwards: {unharmed:?}"
     );
     unharmed
+}
+
+/// Memory the worker could not write: a write-sealed memfd, and a memfd
+/// reached through a read-only fd. Refused at SET_MEM_TABLE, not found out
+/// by a fault later.
+#[test]
+fn memory_that_cannot_be_mapped_writable_is_refused() -> Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let (mut bed, workers) = testbed(QUEUE_PAIRS)?;
+    let layout = GuestMemory::new(&[RegionLayout::new(MEM_BASE, MIB)])?;
+    let entry = MemEntry {
+        gpa: MEM_BASE,
+        size: MIB,
+        user_addr: layout.regions()[0].vmm_addr(),
+        mmap_offset: 0,
+    };
+    let sealed = memfd_create("qpnet-test-sealed", MFdFlags::MFD_ALLOW_SEALING)?;
+    nix::unistd::ftruncate(&sealed, MIB as i64)?;
+    fcntl(
+        &sealed,
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK),
+    )?;
+    let plain = memfd_create("qpnet-test-plain", MFdFlags::empty())?;
+    nix::unistd::ftruncate(&plain, MIB as i64)?;
+    let read_only: OwnedFd = nix::fcntl::open(
+        format!("/proc/self/fd/{}", plain.as_raw_fd()).as_str(),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    for (what, fd) in [
+        ("a write-sealed memfd", sealed.as_raw_fd()),
+        ("a memfd through a read-only fd", read_only.as_raw_fd()),
+    ] {
+        let raw = session(&bed)?;
+        let r = raw.request(req::SET_MEM_TABLE, &mem_table(&[entry]), &[fd]);
+        bed.explain(r.and_then(|reply| ensure_refused(what, reply)))?;
+    }
+    check_unharmed(bed, &workers)
 }
