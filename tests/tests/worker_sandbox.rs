@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use nix::sys::signal::Signal;
+use qpnet_shared::WorkerState;
+use qpnet_tests::crash::bed::worker_of;
 use qpnet_tests::proc::ProcHandle;
 use qpnet_tests::qpnet::Options;
 use qpnet_tests::testbed::Testbed;
@@ -67,9 +69,26 @@ fn user(name: &str) -> Result<(u32, u32)> {
     Ok((u.uid.as_raw(), u.gid.as_raw()))
 }
 
+/// The pids of both workers once each has answered the primary's hello
+/// (stats state `running`): a worker gives up its privileges before it
+/// reads its control socket, so from then on it must be sandboxed.
+fn ready_workers(bed: &Testbed, not: &[u32]) -> Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    wait_for("both workers running", TIMEOUT, || {
+        pids = (0..2)
+            .filter_map(|q| worker_of(bed, q).ok())
+            .filter(|(pid, state, _)| *pid != 0 && *state == Some(WorkerState::Running))
+            .map(|(pid, _, _)| pid)
+            .filter(|pid| !not.contains(pid))
+            .collect();
+        pids.len() == 2
+    })?;
+    Ok(pids)
+}
+
 /// Every worker of `bed` sandboxed as `(uid, gid)`, and frames flow.
 fn check_bed(bed: &mut Testbed, (uid, gid): (u32, u32)) -> Result<()> {
-    let pids = bed.qpnet.wait_workers(2, TIMEOUT)?;
+    let pids = ready_workers(bed, &[])?;
     for &pid in &pids {
         check_sandboxed(pid, uid, gid)?;
     }
@@ -81,12 +100,7 @@ fn check_bed(bed: &mut Testbed, (uid, gid): (u32, u32)) -> Result<()> {
     // A replacement is sandboxed too, and takes over the rings.
     let old = ProcHandle::of(pids[0])?;
     old.signal(Signal::SIGKILL)?;
-    let qpnet = &bed.qpnet;
-    wait_for("a replacement worker", TIMEOUT, || {
-        let now = qpnet.worker_pids();
-        now.len() == 2 && !now.contains(&pids[0])
-    })?;
-    for pid in bed.qpnet.worker_pids() {
+    for pid in ready_workers(bed, &pids[..1])? {
         check_sandboxed(pid, uid, gid)?;
     }
     tx_round(
