@@ -110,7 +110,11 @@ impl Tap {
     /// open `queues` queue fds with vnet headers of `header_len` bytes.
     pub fn open(name: &str, queues: usize) -> Result<Tap, TapError> {
         validate_name(name)?;
-        let existed = Path::new("/sys/class/net").join(name).exists();
+        let dev = Path::new("/sys/class/net").join(name);
+        let existed = dev.exists();
+        if existed {
+            check_existing(name, &dev)?;
+        }
         let mut fds = Vec::with_capacity(queues);
         for _ in 0..queues {
             fds.push(open_queue(name)?);
@@ -216,6 +220,22 @@ impl Tap {
         }
         Ok(())
     }
+}
+
+/// An existing TAP must already have vnet headers (and be multi-queue):
+/// attaching with IFF_VNET_HDR would switch the device's flag for every
+/// other user of it, so such a TAP is refused rather than changed.
+fn check_existing(name: &str, dev: &Path) -> Result<(), TapError> {
+    let Ok(text) = std::fs::read_to_string(dev.join("tun_flags")) else {
+        // Not a tun device at all: TUNSETIFF refuses it below.
+        return Ok(());
+    };
+    let flags = i64::from_str_radix(text.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+    let needed = i64::from(IFF_VNET_HDR | IFF_MULTI_QUEUE);
+    if flags & needed != needed {
+        return Err(TapError::Incompatible(name.to_string()));
+    }
+    Ok(())
 }
 
 fn open_queue(name: &str) -> Result<OwnedFd, TapError> {

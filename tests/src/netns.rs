@@ -91,7 +91,16 @@ impl NetNs {
     /// Create a multi-queue TAP named `tap` in the namespace, with IPv6 off,
     /// link up and, if given, an IPv4 address such as "10.77.0.1/24".
     pub fn add_tap(&self, tap: &str, address: Option<&str>) -> Result<()> {
-        self.ip(&["tuntap", "add", "dev", tap, "mode", "tap", "multi_queue"])?;
+        self.ip(&[
+            "tuntap",
+            "add",
+            "dev",
+            tap,
+            "mode",
+            "tap",
+            "multi_queue",
+            "vnet_hdr",
+        ])?;
         self.sysctl(&format!("net.ipv6.conf.{tap}.disable_ipv6"), "1")?;
         self.ip(&["link", "set", tap, "up"])?;
         if let Some(addr) = address {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use qpnet_tests::binary::{ensure_exit, qpnet_binary, run_bounded, run_qpnet};
-use qpnet_tests::netns::NetNs;
+use qpnet_tests::netns::{run_checked, NetNs};
 use qpnet_tests::qpnet::RUN_DIR;
 use qpnet_tests::testbed::{Testbed, TAP_NAME};
 use qpnet_tests::unique_name;
@@ -215,9 +215,22 @@ fn run_time_errors_exit_1_and_leave_nothing_behind() -> Result<()> {
     let ns = NetNs::new()?;
     // A single-queue TAP: qpnet needs a multi-queue one.
     ns.ip(&["tuntap", "add", "dev", "qpsq0", "mode", "tap"])?;
+    // A multi-queue TAP without vnet headers: attaching would switch the
+    // device's flag under its other users.
+    ns.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        "qpnovh0",
+        "mode",
+        "tap",
+        "multi_queue",
+    ])?;
+    let novh_flags = || run_checked(ns.command("cat").arg("/sys/class/net/qpnovh0/tun_flags"));
+    let novh_before = novh_flags()?;
     let file = std::env::temp_dir().join(unique_name());
     std::fs::write(&file, b"not a socket")?;
-    let cases: [(&str, String, &str, &[&str]); 3] = [
+    let cases: [(&str, String, &str, &[&str]); 4] = [
         (
             "a socket in a directory that does not exist (TAP created for it)",
             format!("/nonexistent-{}/vhost.sock", unique_name()),
@@ -235,6 +248,15 @@ fn run_time_errors_exit_1_and_leave_nothing_behind() -> Result<()> {
             temp_socket().to_string_lossy().into_owned(),
             "qpsq0",
             &["not a multi-queue TAP", "ip tuntap add dev qpsq0"],
+        ),
+        (
+            "an existing multi-queue TAP without vnet headers",
+            temp_socket().to_string_lossy().into_owned(),
+            "qpnovh0",
+            &[
+                "not a multi-queue TAP with vnet headers",
+                "ip tuntap add dev qpnovh0",
+            ],
         ),
     ];
     for (what, socket, tap, needles) in cases {
@@ -264,6 +286,11 @@ fn run_time_errors_exit_1_and_leave_nothing_behind() -> Result<()> {
             "{what}: the existing TAP is gone: {links}"
         );
     }
+    let novh_after = novh_flags()?;
+    ensure!(
+        novh_after == novh_before,
+        "the TAP without vnet headers was changed: tun_flags {novh_before:?} -> {novh_after:?}"
+    );
     // A worker user that does not exist: refused before anything is made.
     let name = unique_name();
     let socket = temp_socket().to_string_lossy().into_owned();
