@@ -208,6 +208,22 @@ fn sigterm_to_the_supervisor_under_traffic_stops_everything_cleanly() -> Result<
     let log = dir.join("supervise.log");
     let mut sup = Supervisor::start(&ns, &dir, &log, tap, QUEUE_PAIRS)?;
     let primary = sup.wait_primary(None, Duration::from_secs(10))?;
+    // The primary's children are its workers and nothing else (no log
+    // pipe of the supervisor's hanging off it).
+    qpnet_tests::wait::wait_for("the primary's workers", Duration::from_secs(10), || {
+        primary.children().len() >= usize::from(QUEUE_PAIRS)
+    })?;
+    let others: Vec<String> = primary
+        .children()
+        .iter()
+        .filter_map(|c| std::fs::read(format!("/proc/{}/cmdline", c.pid())).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| !c.starts_with("qpnet worker "))
+        .collect();
+    ensure!(
+        others.is_empty(),
+        "the primary has children that are not workers: {others:?}"
+    );
     let socket = sup.socket().to_owned();
     let status = stop_under_traffic(&ns, tap, &socket, || sup.stop())?;
     println!("supervisor: {status}; primary was {}", primary.pid());
