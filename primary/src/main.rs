@@ -9,6 +9,7 @@ mod device;
 mod features;
 mod logging;
 mod memory_table;
+mod reply_guard;
 mod run;
 mod runtime;
 mod server;

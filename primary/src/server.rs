@@ -23,6 +23,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::access::Access;
+use crate::reply_guard::ReplyGuard;
 use crate::vhost_user::VhostUserDevice;
 
 /// Longest a VMM may take to finish sending one message, or to take our
@@ -260,9 +261,9 @@ impl Server {
     fn serve_vmm(&mut self, stream: UnixStream) -> Result<Option<Exit>> {
         // A request is read only once poll says data is there, but a VMM
         // that stops in the middle of a message (or never reads our
-        // replies) must not freeze this loop: signals, dead workers and the
-        // watchdog are all served here. Past the timeout the connection is
-        // closed like any malformed request.
+        // replies: see ReplyGuard) must not freeze this loop: signals, dead
+        // workers and the watchdog are all served here. Past the timeout the
+        // connection is closed like any malformed request.
         stream
             .set_read_timeout(Some(VMM_IO_TIMEOUT))
             .and_then(|()| stream.set_write_timeout(Some(VMM_IO_TIMEOUT)))
@@ -270,6 +271,10 @@ impl Server {
         // A second fd of the same socket, to poll and peek on while the
         // vhost crate owns the stream; both are closed when this returns.
         let poll_fd = OwnedFd::from(stream.try_clone().context("duplicating the VMM socket")?);
+        // Closes the connection if our replies stay unread (the vhost crate
+        // would retry a blocked send for ever); stops when this returns.
+        let guard_fd = OwnedFd::from(stream.try_clone().context("duplicating the VMM socket")?);
+        let _guard = ReplyGuard::watch(guard_fd).context("starting the reply guard")?;
         let mut handler = BackendReqHandler::from_stream(stream, self.events.dev.clone());
         loop {
             match self.events.wait(Some(poll_fd.as_fd()), None)? {
