@@ -159,6 +159,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         flow_tracking: !args.no_flow_tracking,
     });
     let mut backend = Backend::new(device, supervisor);
+    // Set up: keep only what supervising workers needs (and they start with
+    // no more than that before they drop it all).
+    qpnet_secondary::keep_only_capabilities(qpnet_secondary::PRIMARY_CAPABILITIES)
+        .context("dropping the primary's capabilities after set-up")?;
     // Every queue pair's first worker, before any VMM is served.
     let (sup, dev) = backend.supervision();
     sup.supervise(dev);

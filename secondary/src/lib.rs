@@ -45,5 +45,5 @@ pub mod test_util;
 mod worker_tests;
 
 pub use guest_memory::{GuestMemoryMap, MemoryError};
-pub use sandbox::{RunAs, SandboxError};
+pub use sandbox::{keep_only_capabilities, RunAs, SandboxError, PRIMARY_CAPABILITIES};
 pub use worker::run_worker;

@@ -90,17 +90,24 @@ fn prctl(option: libc::c_int, arg: libc::c_ulong) -> nix::Result<()> {
     nix::errno::Errno::result(r).map(drop)
 }
 
-/// Empty the capability bounding set: drop capability numbers from 0 until
-/// the kernel says there are no more.
-fn drop_bounding_set() -> nix::Result<()> {
-    for cap in 0..=63 {
-        match prctl(libc::PR_CAPBSET_DROP, cap) {
+/// Drop every capability whose bit is not in `keep` from the bounding
+/// set, up to the last one the kernel knows.
+fn limit_bounding_set(keep: u64) -> nix::Result<()> {
+    for cap in 0..64u64 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        match prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) {
             Ok(()) => {}
             Err(nix::errno::Errno::EINVAL) => return Ok(()),
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+fn drop_bounding_set() -> nix::Result<()> {
+    limit_bounding_set(0)
 }
 
 /// `capset` header and data (`<linux/capability.h>`, version 3: two
@@ -121,14 +128,20 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Clear the effective, permitted and inheritable sets of this thread (the
-/// process: the worker is single-threaded here).
-fn clear_capabilities() -> nix::Result<()> {
+/// Set the effective and permitted sets of this thread to `keep` and the
+/// inheritable set to nothing (call it before other threads exist: the
+/// sets are per thread).
+fn set_capabilities(keep: u64) -> nix::Result<()> {
     let mut header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [CapData::default(); 2];
+    let word = |w: u32| CapData {
+        effective: (keep >> (32 * w)) as u32,
+        permitted: (keep >> (32 * w)) as u32,
+        inheritable: 0,
+    };
+    let data = [word(0), word(1)];
     // SAFETY: capset reads one header and two data structs of the layout
     // above, which live on our stack for the call; pid 0 is this thread.
     let r = unsafe {
@@ -139,6 +152,40 @@ fn clear_capabilities() -> nix::Result<()> {
         )
     };
     nix::errno::Errno::result(r).map(drop)
+}
+
+/// What the primary keeps once it is set up (TAP queues open, socket
+/// bound, runtime directory made), as `1 << CAP_*` bits: CAP_SETUID,
+/// CAP_SETGID and CAP_SETPCAP so that each worker it starts can change its
+/// user and empty its bounding set, and CAP_KILL to signal workers that no
+/// longer run as its user. Nothing else: the TAP's later settings
+/// (TUNSETOFFLOAD, TUNSETVNETHDRSZ) need no capability on an open queue.
+pub const PRIMARY_CAPABILITIES: u64 =
+    (1 << CAP_KILL) | (1 << CAP_SETGID) | (1 << CAP_SETUID) | (1 << CAP_SETPCAP);
+
+// Capability numbers (`<linux/capability.h>`).
+const CAP_KILL: u32 = 5;
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SETPCAP: u32 = 8;
+
+/// Keep only the capabilities whose bits are in `keep` (`1 << CAP_*`), in
+/// the bounding, effective and permitted sets; inheritable and ambient
+/// emptied. For the primary once it is set up (its workers, exec'd as
+/// root, then start with at most these). Does nothing when not root.
+pub fn keep_only_capabilities(keep: u64) -> Result<(), SandboxError> {
+    if !Uid::effective().is_root() {
+        return Ok(());
+    }
+    limit_bounding_set(keep).map_err(call("limiting the capability bounding set"))?;
+    match prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(call("clearing the ambient capabilities")(e)),
+    }
+    set_capabilities(keep).map_err(call("limiting the capability sets"))
 }
 
 /// Give up every privilege (see the module documentation); with `run_as`,
@@ -169,7 +216,7 @@ pub fn enter(run_as: Option<RunAs>) -> Result<(), SandboxError> {
         Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
         Err(e) => return Err(call("clearing the ambient capabilities")(e)),
     }
-    clear_capabilities().map_err(call("clearing the capability sets"))?;
+    set_capabilities(0).map_err(call("clearing the capability sets"))?;
     nix::sys::prctl::set_no_new_privs().map_err(call("setting no_new_privs"))?;
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(call("setting the death signal"))?;
     if getppid() != primary {

@@ -2,7 +2,8 @@
 //! wrote: started by a root qpnet they run as `nobody` (or
 //! `--worker-user`), with no capability in any set (the bounding set
 //! emptied) and no_new_privs, and they still move frames; a replacement
-//! worker is sandboxed the same way.
+//! worker is sandboxed the same way. The primary itself keeps only the
+//! capabilities it needs to start and signal them.
 //!
 //! Needs root and `$QPNET_BIN`.
 
@@ -86,9 +87,25 @@ fn ready_workers(bed: &Testbed, not: &[u32]) -> Result<Vec<u32>> {
     Ok(pids)
 }
 
+/// The primary, once set up, holds exactly `PRIMARY_CAPABILITIES`.
+fn check_primary(pid: u32) -> Result<()> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let want = format!("{:016x}", qpnet_secondary::PRIMARY_CAPABILITIES);
+    for cap in ["CapPrm", "CapEff", "CapBnd"] {
+        let v = status
+            .lines()
+            .find_map(|l| l.strip_prefix(cap)?.strip_prefix(':'))
+            .map(str::trim)
+            .with_context(|| format!("no {cap} in the primary's status"))?;
+        ensure!(v == want, "primary {pid}: {cap} {v}, expected {want}");
+    }
+    Ok(())
+}
+
 /// Every worker of `bed` sandboxed as `(uid, gid)`, and frames flow.
 fn check_bed(bed: &mut Testbed, (uid, gid): (u32, u32)) -> Result<()> {
     let pids = ready_workers(bed, &[])?;
+    check_primary(bed.qpnet.pid())?;
     for &pid in &pids {
         check_sandboxed(pid, uid, gid)?;
     }
