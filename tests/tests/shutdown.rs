@@ -161,19 +161,7 @@ fn created_tap_goes_with_qpnet(sig: Signal) -> Result<()> {
 fn existing_tap_is_left_as_it_was(sig: Signal) -> Result<()> {
     let ns = NetNs::new()?;
     let tap = "qptap0";
-    ns.ip(&[
-        "tuntap",
-        "add",
-        "dev",
-        tap,
-        "mode",
-        "tap",
-        "multi_queue",
-        "vnet_hdr",
-    ])?;
-    ns.sysctl(&format!("net.ipv6.conf.{tap}.disable_ipv6"), "1")?;
-    ns.ip(&["link", "set", tap, "up"])?;
-    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", tap])?;
+    ns.add_tap(tap, Some("10.77.0.1/24"))?;
     let before = link_facts(&ns, tap)?;
     let qpnet = Qpnet::start(&ns, tap, QUEUE_PAIRS)?;
     let socket = qpnet.socket().to_owned();
