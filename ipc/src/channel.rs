@@ -75,6 +75,46 @@ fn codec() -> bincode::config::Configuration<
         .with_limit::<MAX_MESSAGE_SIZE>()
 }
 
+/// Encode one message as [`Channel::send`] puts it on the wire.
+pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>, IpcError> {
+    bincode::serde::encode_to_vec(msg, codec()).map_err(|e| IpcError::Encode(e.to_string()))
+}
+
+/// Decode one message from the bytes of one received datagram, as
+/// [`Channel::recv`] does: the bytes must hold exactly one message (trailing
+/// bytes are an error). Never panics, whatever the bytes.
+pub fn decode_message<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, IpcError> {
+    let (msg, used) = bincode::serde::decode_from_slice(bytes, codec())
+        .map_err(|e| IpcError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(IpcError::Decode(format!(
+            "{} trailing bytes after the message",
+            bytes.len() - used
+        )));
+    }
+    Ok(msg)
+}
+
+/// The body of the `ipc_decode` fuzz target (`fuzz/`), also replayed over
+/// the kept corpus by `ipc/tests/fuzz_replay.rs`: `bytes` decoded as a
+/// [`Request`](crate::Request) and as a [`Reply`](crate::Reply); whatever
+/// decodes must re-encode, and decode back to the same message. Panics only
+/// when that property fails.
+pub fn fuzz_ipc_decode(bytes: &[u8]) {
+    fn round_trip<T>(bytes: &[u8])
+    where
+        T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        if let Ok(msg) = decode_message::<T>(bytes) {
+            let again = encode_message(&msg).expect("a decoded message re-encodes");
+            let back: T = decode_message(&again).expect("a re-encoded message decodes");
+            assert_eq!(back, msg, "decode(encode(msg)) != msg");
+        }
+    }
+    round_trip::<crate::Request>(bytes);
+    round_trip::<crate::Reply>(bytes);
+}
+
 impl Channel {
     /// A connected pair of control sockets, both close-on-exec.
     pub fn pair() -> Result<(Channel, Channel), IpcError> {
@@ -104,8 +144,7 @@ impl Channel {
         if fds.len() > MAX_FDS {
             return Err(IpcError::TooManyFds(fds.len()));
         }
-        let bytes = bincode::serde::encode_to_vec(msg, codec())
-            .map_err(|e| IpcError::Encode(e.to_string()))?;
+        let bytes = encode_message(msg)?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let cmsgs = [ControlMessage::ScmRights(&raw)];
         let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
@@ -173,15 +212,7 @@ impl Channel {
         if len > MAX_MESSAGE_SIZE {
             return Err(IpcError::Truncated);
         }
-        let (msg, used) = bincode::serde::decode_from_slice(&buf[..len], codec())
-            .map_err(|e| IpcError::Decode(e.to_string()))?;
-        if used != len {
-            return Err(IpcError::Decode(format!(
-                "{} trailing bytes after the message",
-                len - used
-            )));
-        }
-        Ok((msg, fds))
+        Ok((decode_message(&buf[..len])?, fds))
     }
 
     /// Like [`Channel::recv`], but gives up after `timeout`.

@@ -21,7 +21,9 @@ mod fds;
 pub mod memory_table;
 mod messages;
 
-pub use channel::{Channel, IpcError, MAX_FDS, MAX_MESSAGE_SIZE};
+pub use channel::{
+    decode_message, encode_message, fuzz_ipc_decode, Channel, IpcError, MAX_FDS, MAX_MESSAGE_SIZE,
+};
 pub use fds::{check_eventfd, FdError};
 pub use memory_table::MemoryTableError;
 pub use messages::{

@@ -165,6 +165,50 @@ impl TxHeader {
     }
 }
 
+/// The body of the `tx_header` fuzz target (`fuzz/`), also replayed over
+/// the kept corpus by `secondary/tests/fuzz_replay.rs`. `input[0]` gives
+/// the offloads (bits 0-4: csum, tso4, tso6, ecn, ufo) and bits 16-18 of the
+/// frame length (bits 5-7), `input[1..3]` the frame length's low 16 bits
+/// (little endian), and the rest (at most [`MAX_HEADER_LEN`] bytes, padded
+/// with zeros to 10) is the header. [`TxHeader::check`] must not panic, and
+/// a header it accepts must lie inside the frame: `hdr_len <= frame_len`,
+/// and with NEEDS_CSUM `csum_start + csum_offset + 2 <= frame_len`. Panics
+/// only when that fails.
+pub fn fuzz_tx_header(input: &[u8]) {
+    let Some((&[sel, lo, hi], header)) = input.split_first_chunk::<3>() else {
+        return;
+    };
+    let bit = |b: u8| sel & (1 << b) != 0;
+    let offloads = TxOffloads {
+        csum: bit(0),
+        tso4: bit(1),
+        tso6: bit(2),
+        ecn: bit(3),
+        ufo: bit(4),
+    };
+    let frame_len = u64::from(u16::from_le_bytes([lo, hi])) | (u64::from(sel >> 5) << 16);
+    let h = TxHeader::from_bytes(header);
+    if h.check(offloads, frame_len).is_ok() {
+        // The fields, read again here from the input itself.
+        let mut raw = [0u8; MAX_HEADER_LEN];
+        let n = header.len().min(MAX_HEADER_LEN);
+        raw[..n].copy_from_slice(&header[..n]);
+        let at = |i: usize| u64::from(u16::from_le_bytes([raw[i], raw[i + 1]]));
+        let (hdr_len, csum_start, csum_offset) = (at(2), at(6), at(8));
+        assert!(
+            hdr_len <= frame_len,
+            "accepted hdr_len {hdr_len} > frame_len {frame_len}"
+        );
+        if raw[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0 {
+            let end = csum_start + csum_offset + 2;
+            assert!(
+                end <= frame_len,
+                "accepted checksum end {end} > frame_len {frame_len}"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,11 +21,11 @@ pub mod test_hooks;
 
 pub use clock::monotonic_ns;
 pub use flow::{
-    hash_words, protocol, tcp_flags, AuditReport, Direction, Family, FlowCache, FlowError,
-    FlowIter, FlowKey, FlowReader, FlowSnapshot, FlowState, FlowTable, FlowTableCounters,
-    FlowTimeouts, FlowUpdate, FlushReport, ParseError, ParsedFrame, Recorded, SlotBusy, SlotRef,
-    SweepReport, DEFAULT_FLOW_CAPACITY, DEFAULT_LOCK_WAIT, FLOW_HEADROOM, KEY_WORDS,
-    MAX_FLOW_CAPACITY, MAX_PENDING_FLOWS, MIN_FLOW_CAPACITY, SLOTS_PER_STRIPE,
+    fuzz_flow_key, hash_words, protocol, tcp_flags, AuditReport, Direction, Family, FlowCache,
+    FlowError, FlowIter, FlowKey, FlowReader, FlowSnapshot, FlowState, FlowTable,
+    FlowTableCounters, FlowTimeouts, FlowUpdate, FlushReport, ParseError, ParsedFrame, Recorded,
+    SlotBusy, SlotRef, SweepReport, DEFAULT_FLOW_CAPACITY, DEFAULT_LOCK_WAIT, FLOW_HEADROOM,
+    KEY_WORDS, MAX_FLOW_CAPACITY, MAX_PENDING_FLOWS, MIN_FLOW_CAPACITY, SLOTS_PER_STRIPE,
 };
 pub use layout::{
     FlowCounters, FlowGeometryHeader, QueueStats, RegionHeader, WorkerState, LAYOUT_VERSION, MAGIC,

@@ -106,7 +106,7 @@ mod testing;
 pub use cache::{FlowCache, FlushReport, MAX_PENDING_FLOWS};
 pub use geometry::{DEFAULT_FLOW_CAPACITY, MAX_FLOW_CAPACITY, MIN_FLOW_CAPACITY};
 pub use key::{hash_words, protocol, tcp_flags, Direction, Family, FlowKey, KEY_WORDS};
-pub use parse::{ParseError, ParsedFrame, FLOW_HEADROOM};
+pub use parse::{fuzz_flow_key, ParseError, ParsedFrame, FLOW_HEADROOM};
 pub use reader::{FlowIter, FlowReader, FlowTableCounters};
 pub use repair::AuditReport;
 pub use slot::{FlowSnapshot, SlotBusy, SlotRef};

@@ -121,6 +121,24 @@ impl FlowKey {
     }
 }
 
+/// The body of the `flow_key` fuzz target (`fuzz/`), also replayed over
+/// the kept corpus by `shared/tests/fuzz_replay.rs`: [`FlowKey::parse`] of
+/// `frame` in both directions must not panic, and both directions must
+/// agree on whether the frame has a key (and, if not, why).
+pub fn fuzz_flow_key(frame: &[u8]) {
+    let tx = FlowKey::parse(frame, Direction::Tx);
+    let rx = FlowKey::parse(frame, Direction::Rx);
+    match (tx, rx) {
+        (Ok(t), Ok(r)) => {
+            assert_eq!(t.tcp_flags, r.tcp_flags, "TX and RX disagree on TCP flags");
+            assert_eq!(t.key.family, r.key.family);
+            assert_eq!(t.key.protocol, r.key.protocol);
+        }
+        (Err(t), Err(r)) => assert_eq!(t, r, "TX and RX disagree on the error"),
+        (t, r) => panic!("TX parsed {t:?} but RX parsed {r:?}"),
+    }
+}
+
 /// ICMP echo keeps its identifier in `guest_port` whichever way it went
 /// (parse_ports put it in both port fields).
 fn icmp_oriented(mut key: FlowKey) -> FlowKey {

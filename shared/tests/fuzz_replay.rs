@@ -1,0 +1,34 @@
+//! Replays the kept corpus of the `flow_key` fuzz target (`fuzz/corpus/flow_key/`)
+//! through the very body the fuzzer runs, on the stable toolchain, as part
+//! of `cargo test`. A missing or empty corpus fails the test.
+
+use std::path::Path;
+
+#[test]
+fn flow_key_corpus_replays() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/flow_key");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+        panic!(
+            "fuzz corpus {} missing ({e}): it is kept in the repository (see ARCHITECTURE.md, \"Fuzzing\")",
+            dir.display()
+        )
+    });
+    let mut files = 0;
+    for entry in entries {
+        let path = entry.expect("corpus directory entry").path();
+        if !path.is_file() {
+            continue;
+        }
+        let bytes =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        eprintln!("replaying {}", path.display());
+        qpnet_shared::fuzz_flow_key(&bytes);
+        files += 1;
+    }
+    assert!(
+        files > 0,
+        "fuzz corpus {} is empty: it is kept in the repository (see ARCHITECTURE.md, \"Fuzzing\")",
+        dir.display()
+    );
+    eprintln!("{files} inputs of {} replayed", dir.display());
+}
