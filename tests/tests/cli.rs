@@ -320,6 +320,38 @@ fn run_time_errors_exit_1_and_leave_nothing_behind() -> Result<()> {
         !links.contains("qpnew0"),
         "{what}: a TAP was created: {links}"
     );
+    // The same for a --socket-group that does not exist.
+    let name = unique_name();
+    let what = "a --socket-group that does not exist";
+    let out = run_in(
+        &ns,
+        &[
+            "--socket",
+            &socket,
+            "--tap",
+            "qpnew0",
+            "--name",
+            &name,
+            "--socket-group",
+            "qpnet-no-such-group",
+        ],
+    )?;
+    ensure_exit(
+        what,
+        &out,
+        EXIT_ERROR,
+        &["--socket-group qpnet-no-such-group: no such group"],
+    )?;
+    ensure_no_runtime_dir(what, &name)?;
+    let links = ns.ip(&["-o", "link", "show"])?;
+    ensure!(
+        !links.contains("qpnew0"),
+        "{what}: a TAP was created: {links}"
+    );
+    ensure!(
+        !Path::new(&socket).exists(),
+        "{what}: the socket was created"
+    );
     ensure!(
         std::fs::read(&file)? == b"not a socket",
         "the regular file at the socket path was changed"
