@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use qpnet_tests::binary::{ensure_exit, qpnet_binary, run_bounded, run_qpnet};
 use qpnet_tests::netns::{run_checked, NetNs};
 use qpnet_tests::qpnet::RUN_DIR;
@@ -437,7 +437,21 @@ fn help_exists_for_every_subcommand() -> Result<()> {
 #[test]
 fn stats_prints_counters_and_refuses_unknown_instances() -> Result<()> {
     let bed = Testbed::new(2)?;
-    let doc = bed.qpnet.stats_json(&[])?;
+    // Both workers past their hello (a worker that just started has no pid
+    // in the stats yet).
+    let mut doc = bed.qpnet.stats_json(&[])?;
+    qpnet_tests::wait::wait_for(
+        "both workers in the stats",
+        Duration::from_secs(10),
+        || match bed.qpnet.stats_json(&[]) {
+            Ok(d) => {
+                doc = d;
+                doc.queues.iter().all(|q| q.worker_pid().is_ok())
+            }
+            Err(_) => false,
+        },
+    )
+    .with_context(|| format!("stats now: {}", doc.brief()))?;
     ensure!(
         doc.name == bed.qpnet.name() && doc.queues.len() == 2,
         "stats of instance {} with 2 queue pairs: {}",
