@@ -210,6 +210,32 @@ fn unknown_flag_and_missing_arguments_are_refused() -> Result<()> {
 /// Errors found while setting up (after the arguments were accepted) exit
 /// with 1, say what to do, and leave nothing behind: no runtime directory,
 /// no TAP that qpnet created for the attempt, an existing TAP untouched.
+/// `qpnet run ... FLAG VALUE` exits 1 saying `needle`, and leaves no TAP,
+/// no socket and no runtime directory behind.
+fn refused_at_start(ns: &NetNs, flag: &str, value: &str, needle: &str) -> Result<()> {
+    let name = unique_name();
+    let socket = temp_socket().to_string_lossy().into_owned();
+    let what = format!("{flag} {value}");
+    let out = run_in(
+        ns,
+        &[
+            "--socket", &socket, "--tap", "qpnew0", "--name", &name, flag, value,
+        ],
+    )?;
+    ensure_exit(&what, &out, EXIT_ERROR, &[needle])?;
+    ensure_no_runtime_dir(&what, &name)?;
+    let links = ns.ip(&["-o", "link", "show"])?;
+    ensure!(
+        !links.contains("qpnew0"),
+        "{what}: a TAP was created: {links}"
+    );
+    ensure!(
+        !Path::new(&socket).exists(),
+        "{what}: the socket was created"
+    );
+    Ok(())
+}
+
 #[test]
 fn run_time_errors_exit_1_and_leave_nothing_behind() -> Result<()> {
     let ns = NetNs::new()?;
@@ -291,67 +317,13 @@ fn run_time_errors_exit_1_and_leave_nothing_behind() -> Result<()> {
         novh_after == novh_before,
         "the TAP without vnet headers was changed: tun_flags {novh_before:?} -> {novh_after:?}"
     );
-    // A worker user that does not exist: refused before anything is made.
-    let name = unique_name();
-    let socket = temp_socket().to_string_lossy().into_owned();
-    let what = "a --worker-user that does not exist";
-    let out = run_in(
-        &ns,
-        &[
-            "--socket",
-            &socket,
-            "--tap",
-            "qpnew0",
-            "--name",
-            &name,
-            "--worker-user",
-            "qpnet-no-such-user",
-        ],
-    )?;
-    ensure_exit(
-        what,
-        &out,
-        EXIT_ERROR,
-        &["--worker-user qpnet-no-such-user: no such user"],
-    )?;
-    ensure_no_runtime_dir(what, &name)?;
-    let links = ns.ip(&["-o", "link", "show"])?;
-    ensure!(
-        !links.contains("qpnew0"),
-        "{what}: a TAP was created: {links}"
-    );
-    // The same for a --socket-group that does not exist.
-    let name = unique_name();
-    let what = "a --socket-group that does not exist";
-    let out = run_in(
-        &ns,
-        &[
-            "--socket",
-            &socket,
-            "--tap",
-            "qpnew0",
-            "--name",
-            &name,
-            "--socket-group",
-            "qpnet-no-such-group",
-        ],
-    )?;
-    ensure_exit(
-        what,
-        &out,
-        EXIT_ERROR,
-        &["--socket-group qpnet-no-such-group: no such group"],
-    )?;
-    ensure_no_runtime_dir(what, &name)?;
-    let links = ns.ip(&["-o", "link", "show"])?;
-    ensure!(
-        !links.contains("qpnew0"),
-        "{what}: a TAP was created: {links}"
-    );
-    ensure!(
-        !Path::new(&socket).exists(),
-        "{what}: the socket was created"
-    );
+    // Names that do not exist: refused before anything is made.
+    for (flag, value, needle) in [
+        ("--worker-user", "qpnet-no-such-user", "no such user"),
+        ("--socket-group", "qpnet-no-such-group", "no such group"),
+    ] {
+        refused_at_start(&ns, flag, value, &format!("{flag} {value}: {needle}"))?;
+    }
     ensure!(
         std::fs::read(&file)? == b"not a socket",
         "the regular file at the socket path was changed"
