@@ -96,7 +96,7 @@ pub fn decode_message<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, IpcError> 
 }
 
 /// The body of the `ipc_decode` fuzz target (`fuzz/`), also replayed over
-/// the kept corpus by `ipc/tests/fuzz_replay.rs`: `bytes` decoded as a
+/// the kept corpus by `tests/tests/fuzz_replay.rs`: `bytes` decoded as a
 /// [`Request`](crate::Request) and as a [`Reply`](crate::Reply); whatever
 /// decodes must re-encode, and decode back to the same message. Panics only
 /// when that property fails.

@@ -166,7 +166,7 @@ impl TxHeader {
 }
 
 /// The body of the `tx_header` fuzz target (`fuzz/`), also replayed over
-/// the kept corpus by `secondary/tests/fuzz_replay.rs`. `input[0]` gives
+/// the kept corpus by `tests/tests/fuzz_replay.rs`. `input[0]` gives
 /// the offloads (bits 0-4: csum, tso4, tso6, ecn, ufo) and bits 16-18 of the
 /// frame length (bits 5-7), `input[1..3]` the frame length's low 16 bits
 /// (little endian), and the rest (at most [`MAX_HEADER_LEN`] bytes, padded

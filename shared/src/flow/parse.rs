@@ -122,7 +122,7 @@ impl FlowKey {
 }
 
 /// The body of the `flow_key` fuzz target (`fuzz/`), also replayed over
-/// the kept corpus by `shared/tests/fuzz_replay.rs`: [`FlowKey::parse`] of
+/// the kept corpus by `tests/tests/fuzz_replay.rs`: [`FlowKey::parse`] of
 /// `frame` in both directions must not panic, and both directions must
 /// agree on whether the frame has a key (and, if not, why).
 pub fn fuzz_flow_key(frame: &[u8]) {
