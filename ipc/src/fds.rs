@@ -86,17 +86,45 @@ impl Request {
     }
 }
 
-/// Refuse an fd that is not an eventfd (by what `/proc/self/fd` says of it).
+/// Refuse an fd that is not an eventfd.
+///
+/// Where `/proc` is mounted (the primary, which gets the fds from the VMM)
+/// the fd's name there must be `anon_inode:[eventfd]`. A sandboxed worker
+/// has no `/proc` (its root is empty); there the fd must at least be an
+/// anonymous-inode fd (no file type in its mode: never a file, memfd,
+/// socket, pipe or device), which the primary's own check narrowed to an
+/// eventfd before passing it on.
 pub fn check_eventfd(which: &'static str, fd: BorrowedFd<'_>) -> Result<(), FdError> {
-    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let target = match std::fs::read_link(&link) {
-        Ok(t) => t.to_string_lossy().into_owned(),
-        Err(e) => format!("readlink {link}: {e}"),
+    let mode = match nix::sys::stat::fstat(fd) {
+        Ok(st) => st.st_mode,
+        Err(e) => {
+            return Err(FdError::NotEventfd {
+                which,
+                target: format!("fstat: {e}"),
+            })
+        }
     };
-    if target == "anon_inode:[eventfd]" {
-        Ok(())
-    } else {
-        Err(FdError::NotEventfd { which, target })
+    if mode & nix::sys::stat::SFlag::S_IFMT.bits() != 0 {
+        return Err(FdError::NotEventfd {
+            which,
+            target: format!("not an anonymous inode (mode {mode:o})"),
+        });
+    }
+    if !std::path::Path::new("/proc/self/fd").exists() {
+        // No /proc: the sandboxed worker.
+        return Ok(());
+    }
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    match std::fs::read_link(&link) {
+        Ok(t) if t.as_os_str() == "anon_inode:[eventfd]" => Ok(()),
+        Ok(t) => Err(FdError::NotEventfd {
+            which,
+            target: t.to_string_lossy().into_owned(),
+        }),
+        Err(e) => Err(FdError::NotEventfd {
+            which,
+            target: format!("readlink {link}: {e}"),
+        }),
     }
 }
 
@@ -147,8 +175,18 @@ mod tests {
                 which: "call",
                 target,
             }) => {
-                assert!(target.starts_with("pipe:"), "{target}")
+                assert!(target.starts_with("not an anonymous inode"), "{target}")
             }
+            other => panic!("{other:?}"),
+        }
+        // Another anonymous-inode fd: told apart by its name in /proc.
+        let epoll =
+            nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::empty()).unwrap();
+        match start(true).check_fds(&[eventfd(), epoll.0]) {
+            Err(FdError::NotEventfd {
+                which: "call",
+                target,
+            }) => assert_eq!(target, "anon_inode:[eventpoll]"),
             other => panic!("{other:?}"),
         }
     }
