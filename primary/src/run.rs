@@ -109,6 +109,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     // to the system like the primary.
     let binary = WorkerBinary::resolve()?;
     let signals = server::block_signals()?;
+    // While it still may (CAP_SYSLOG): to name a worker's forbidden call.
+    crate::kernel_log::open();
     let tap = Tap::open(&args.tap, qp as usize)?;
     let shared = SharedRegion::create_with(
         &runtime::shm_path(rundir.path()),
@@ -163,6 +165,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     // no more than that before they drop it all).
     qpnet_secondary::keep_only_capabilities(qpnet_secondary::PRIMARY_CAPABILITIES)
         .context("dropping the primary's capabilities after set-up")?;
+    crate::seccomp::install()?;
     // Every queue pair's first worker, before any VMM is served.
     let (sup, dev) = backend.supervision();
     sup.supervise(dev);

@@ -35,6 +35,7 @@ mod ring;
 mod rx;
 mod sandbox;
 mod tap;
+mod test_fault;
 mod tx;
 pub mod tx_header;
 mod worker;
@@ -45,5 +46,7 @@ pub mod test_util;
 mod worker_tests;
 
 pub use guest_memory::{GuestMemoryMap, MemoryError};
-pub use sandbox::{keep_only_capabilities, RunAs, SandboxError, PRIMARY_CAPABILITIES};
+pub use sandbox::{
+    keep_only_capabilities, syscall_name, RunAs, SandboxError, PRIMARY_CAPABILITIES,
+};
 pub use worker::run_worker;

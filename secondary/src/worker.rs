@@ -16,7 +16,7 @@
 use std::os::fd::OwnedFd;
 
 use anyhow::Context;
-use log::{error, info};
+use log::info;
 use nix::errno::Errno;
 use nix::sys::epoll::EpollTimeout;
 use qpnet_ipc::Channel;
@@ -25,6 +25,7 @@ use crate::control::{Control, Flow};
 use crate::events::{Events, Wake};
 use crate::queue_pair::QueuePair;
 use crate::sandbox::{self, RunAs};
+use crate::test_fault::{self, TestFaults};
 
 /// Longest sleep of the loop, so the heartbeat keeps moving when idle.
 const IDLE_WAIT_MS: u16 = 250;
@@ -33,14 +34,19 @@ const IDLE_WAIT_MS: u16 = 250;
 /// told to stop or the primary goes away; first give up every privilege
 /// (as user `run_as` when given: [`crate::sandbox`]).
 pub fn run_worker(queue_pair: u16, control: OwnedFd, run_as: Option<RunAs>) -> anyhow::Result<()> {
-    crash_if_told(queue_pair);
+    let faults = test_fault::at_start(queue_pair);
     sandbox::enter(run_as).context("dropping privileges")?;
-    serve(queue_pair, control)
+    run(queue_pair, control, faults)
 }
 
 /// [`run_worker`] without the sandbox (the unit tests run workers as
 /// threads of the test process).
+#[cfg(any(test, feature = "test-utils"))]
 pub(crate) fn serve(queue_pair: u16, control: OwnedFd) -> anyhow::Result<()> {
+    run(queue_pair, control, TestFaults::none())
+}
+
+fn run(queue_pair: u16, control: OwnedFd, faults: TestFaults) -> anyhow::Result<()> {
     let channel = Channel::from_fd(control).context("control fd")?;
     let control = Control::new(queue_pair, channel);
     let events = Events::new(queue_pair, control.fd()).context("epoll set")?;
@@ -48,24 +54,10 @@ pub(crate) fn serve(queue_pair: u16, control: OwnedFd) -> anyhow::Result<()> {
         control,
         events,
         qp: QueuePair::new(queue_pair),
+        faults,
     };
     info!("qp{queue_pair}: worker {} started", std::process::id());
     worker.run()
-}
-
-/// Test-only fault hook: `QPNET_TEST_WORKER_FAULT=crash-on-start:Q[,Q...]`
-/// in the primary's environment makes the workers of those queue pairs abort
-/// as soon as they start (a crash loop on demand for the supervision tests).
-fn crash_if_told(queue_pair: u16) {
-    let Ok(spec) = std::env::var("QPNET_TEST_WORKER_FAULT") else {
-        return;
-    };
-    if let Some(list) = spec.strip_prefix("crash-on-start:") {
-        if list.split(',').any(|q| q.trim().parse() == Ok(queue_pair)) {
-            error!("qp{queue_pair}: QPNET_TEST_WORKER_FAULT says crash on start: aborting");
-            std::process::abort();
-        }
-    }
 }
 
 /// Everything one queue pair's worker owns.
@@ -73,6 +65,7 @@ struct Worker {
     control: Control,
     events: Events,
     qp: QueuePair,
+    faults: TestFaults,
 }
 
 impl Worker {
@@ -111,6 +104,7 @@ impl Worker {
             qp.detach_io("the TAP queue reported an error or hang-up", events);
         }
         if wake.tx_kick {
+            self.faults.on_tx_kick(qp.index());
             qp.on_tx_kick();
         }
         if wake.rx_kick {

@@ -1,5 +1,6 @@
 //! The test kit as another crate sees it (feature `test-utils`): a worker
-//! driven through its public entry point with nothing but `test_util`'s
+//! driven through the kit's entry point (`serve_worker`: the worker
+//! without its sandbox) with nothing but `test_util`'s
 //! public items, as the integration tests of `tests/` can be. Guest memory
 //! is two regions far apart, the second at a nonzero file offset, so the
 //! worker's view of the memory table is exercised too.
@@ -9,10 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qpnet_ipc::{Channel, Reply, Request, RingKind, PROTOCOL_VERSION};
-use qpnet_secondary::run_worker;
 use qpnet_secondary::test_util::{
-    desc, dgram_fds, wait_for, BumpAllocator, GuestMemory, Peer, RegionLayout, RingDriver,
-    RingLayout, UsedElem, F_WRITE,
+    desc, dgram_fds, serve_worker, wait_for, BumpAllocator, GuestMemory, Peer, RegionLayout,
+    RingDriver, RingLayout, UsedElem, F_WRITE,
 };
 
 fn call(channel: &Channel, request: &Request, fds: &[BorrowedFd<'_>]) -> Reply {
@@ -47,7 +47,7 @@ fn a_worker_driven_with_the_public_kit_moves_frames_both_ways() {
     let mut bufs = BumpAllocator::new(&mem.regions()[1]);
 
     let (ours, theirs) = Channel::pair().expect("channel pair");
-    let worker = std::thread::spawn(move || run_worker(0, OwnedFd::from(theirs), None));
+    let worker = std::thread::spawn(move || serve_worker(0, OwnedFd::from(theirs)));
     let hello = Request::Hello {
         version: PROTOCOL_VERSION,
         queue_pair: 0,

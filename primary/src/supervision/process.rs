@@ -221,7 +221,7 @@ impl WorkerLink for Process {
 
     fn try_reap(&mut self) -> Option<String> {
         match self.child.try_wait() {
-            Ok(Some(status)) => Some(describe_exit(status)),
+            Ok(Some(status)) => Some(describe_exit(status, self.child.id())),
             _ => None,
         }
     }
@@ -257,21 +257,28 @@ impl Drop for Process {
     }
 }
 
-fn describe_exit(status: std::process::ExitStatus) -> String {
+fn describe_exit(status: std::process::ExitStatus, pid: u32) -> String {
     use std::os::unix::process::ExitStatusExt;
-    if let Some(sig) = status.signal() {
-        let name = nix::sys::signal::Signal::try_from(sig)
-            .map(|s| s.as_str())
-            .unwrap_or("unknown signal");
-        format!(
-            "killed by {name}{}",
-            if status.core_dumped() {
-                " (core dumped)"
-            } else {
-                ""
-            }
-        )
+    let Some(sig) = status.signal() else {
+        return format!("exited with status {}", status.code().unwrap_or(-1));
+    };
+    let name = nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown signal");
+    let core = if status.core_dumped() {
+        " (core dumped)"
     } else {
-        format!("exited with status {}", status.code().unwrap_or(-1))
+        ""
+    };
+    if sig != libc::SIGSYS {
+        return format!("killed by {name}{core}");
     }
+    let call = match crate::kernel_log::forbidden_call(pid) {
+        Some(nr) => format!(
+            "system call {nr} ({})",
+            qpnet_secondary::syscall_name(nr).unwrap_or("unknown")
+        ),
+        None => "a system call (no audit record of it in /dev/kmsg: see the audit log)".into(),
+    };
+    format!("killed by {name}{core}: its seccomp filter refused {call}")
 }

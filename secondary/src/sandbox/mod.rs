@@ -1,17 +1,36 @@
-//! The worker's privileges, given up at start before it reads anything the
-//! guest or the VMM wrote.
+//! The worker's privileges and reach, given up at start before it reads
+//! anything the guest or the VMM wrote.
 //!
 //! A worker parses guest-controlled memory, so it keeps nothing it does not
-//! need: the capability bounding set is emptied (while it still may), the
-//! process takes the unprivileged user the primary names ([`RunAs`], from
-//! `qpnet run --worker-user`), ambient, inheritable, permitted and
-//! effective capabilities are cleared, and `no_new_privs` is set, so no
-//! later exec could gain any. Everything a worker uses afterwards arrives
-//! as fds on its control socket (guest memory, the TAP queue, eventfds, the
-//! shared region), which work whatever the process's user.
+//! need, in this order:
+//! 1. the capability bounding set is emptied while it still may be
+//!    (`caps`), and the process takes the unprivileged user the primary
+//!    names ([`RunAs`], from `qpnet run --worker-user`);
+//! 2. it enters namespaces of its own (`namespaces`): a user namespace,
+//!    a mount namespace whose root is an empty read-only tmpfs (no file of
+//!    the host can be opened, not even `/proc`), and a network namespace
+//!    with no interface but a down loopback (the TAP queue fd it gets later
+//!    still works: an open fd keeps its device);
+//! 3. every capability is dropped (bounding, ambient, inheritable,
+//!    permitted, effective: the full set the new user namespace gave, too),
+//!    `no_new_privs` is set and the parent-death signal set again (a change
+//!    of credentials clears it; the worker gives up if the primary died in
+//!    between);
+//! 4. last, the seccomp allow-list (`seccomp`): any other system call kills
+//!    the process (`SECCOMP_RET_KILL_PROCESS`), and the primary logs the
+//!    call by number and name ([`syscall_name`]).
 //!
-//! A change of user clears the parent-death signal, so it is set again, and
-//! the worker gives up if the primary died in between.
+//! Everything a worker uses afterwards arrives as fds on its control socket
+//! (guest memory, the TAP queue, eventfds, the shared region), which work
+//! whatever the process's user, root directory or network namespace.
+
+mod caps;
+mod namespaces;
+mod seccomp;
+mod syscall_names;
+
+pub use caps::{keep_only_capabilities, PRIMARY_CAPABILITIES};
+pub use syscall_names::syscall_name;
 
 use std::fmt;
 use std::str::FromStr;
@@ -64,6 +83,9 @@ pub enum SandboxError {
         #[source]
         source: nix::Error,
     },
+    /// The seccomp filter could not be built or installed.
+    #[error("installing the seccomp filter")]
+    Seccomp(#[source] seccompiler::Error),
     /// The primary exited while the worker changed its user (the death
     /// signal that would have told it was cleared by the change).
     #[error("the primary exited while the worker was dropping its privileges")]
@@ -74,130 +96,15 @@ fn call(what: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
     move |source| SandboxError::Call { what, source }
 }
 
-/// `prctl` with integer arguments; `Err` with errno on -1.
-fn prctl(option: libc::c_int, arg: libc::c_ulong) -> nix::Result<()> {
-    // SAFETY: the options used here (PR_CAPBSET_DROP, PR_CAP_AMBIENT) take
-    // integer arguments only and touch no memory of ours.
-    let r = unsafe {
-        libc::prctl(
-            option,
-            arg,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    nix::errno::Errno::result(r).map(drop)
-}
-
-/// Drop every capability whose bit is not in `keep` from the bounding
-/// set, up to the last one the kernel knows.
-fn limit_bounding_set(keep: u64) -> nix::Result<()> {
-    for cap in 0..64u64 {
-        if keep & (1 << cap) != 0 {
-            continue;
-        }
-        match prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::EINVAL) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn drop_bounding_set() -> nix::Result<()> {
-    limit_bounding_set(0)
-}
-
-/// `capset` header and data (`<linux/capability.h>`, version 3: two
-/// 32-bit words per set).
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-/// Set the effective and permitted sets of this thread to `keep` and the
-/// inheritable set to nothing (call it before other threads exist: the
-/// sets are per thread).
-fn set_capabilities(keep: u64) -> nix::Result<()> {
-    let mut header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let word = |w: u32| CapData {
-        effective: (keep >> (32 * w)) as u32,
-        permitted: (keep >> (32 * w)) as u32,
-        inheritable: 0,
-    };
-    let data = [word(0), word(1)];
-    // SAFETY: capset reads one header and two data structs of the layout
-    // above, which live on our stack for the call; pid 0 is this thread.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_capset,
-            &mut header as *mut CapHeader,
-            data.as_ptr(),
-        )
-    };
-    nix::errno::Errno::result(r).map(drop)
-}
-
-/// What the primary keeps once it is set up (TAP queues open, socket
-/// bound, runtime directory made), as `1 << CAP_*` bits: CAP_SETUID,
-/// CAP_SETGID and CAP_SETPCAP so that each worker it starts can change its
-/// user and empty its bounding set, and CAP_KILL to signal workers that no
-/// longer run as its user. Nothing else: the TAP's later settings
-/// (TUNSETOFFLOAD, TUNSETVNETHDRSZ) need no capability on an open queue.
-pub const PRIMARY_CAPABILITIES: u64 =
-    (1 << CAP_KILL) | (1 << CAP_SETGID) | (1 << CAP_SETUID) | (1 << CAP_SETPCAP);
-
-// Capability numbers (`<linux/capability.h>`).
-const CAP_KILL: u32 = 5;
-const CAP_SETGID: u32 = 6;
-const CAP_SETUID: u32 = 7;
-const CAP_SETPCAP: u32 = 8;
-
-/// Keep only the capabilities whose bits are in `keep` (`1 << CAP_*`), in
-/// the bounding, effective and permitted sets; inheritable and ambient
-/// emptied. For the primary once it is set up (its workers, exec'd as
-/// root, then start with at most these). Does nothing when not root.
-pub fn keep_only_capabilities(keep: u64) -> Result<(), SandboxError> {
-    if !Uid::effective().is_root() {
-        return Ok(());
-    }
-    limit_bounding_set(keep).map_err(call("limiting the capability bounding set"))?;
-    match prctl(
-        libc::PR_CAP_AMBIENT,
-        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-    ) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
-        Err(e) => return Err(call("clearing the ambient capabilities")(e)),
-    }
-    set_capabilities(keep).map_err(call("limiting the capability sets"))
-}
-
-/// Give up every privilege (see the module documentation); with `run_as`,
-/// become that user first.
+/// Give up every privilege and all reach (see the module documentation);
+/// with `run_as`, become that user first.
 pub fn enter(run_as: Option<RunAs>) -> Result<(), SandboxError> {
     let primary = getppid();
     let root = Uid::effective().is_root();
-    match drop_bounding_set() {
+    match caps::drop_bounding_set() {
         Ok(()) => {}
         // Without CAP_SETPCAP (a worker not started as root) the bounding
-        // set cannot shrink; no_new_privs below still means no exec can
-        // gain anything from it.
+        // set cannot shrink here; inside the user namespace below it can.
         Err(nix::errno::Errno::EPERM) if !root => {}
         Err(e) => return Err(call("emptying the capability bounding set")(e)),
     }
@@ -208,21 +115,14 @@ pub fn enter(run_as: Option<RunAs>) -> Result<(), SandboxError> {
         let u = Uid::from_raw(r.uid);
         nix::unistd::setresuid(u, u, u).map_err(call("setresuid"))?;
     }
-    match prctl(
-        libc::PR_CAP_AMBIENT,
-        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-    ) {
-        // Kernels before 4.3 have no ambient set to clear.
-        Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
-        Err(e) => return Err(call("clearing the ambient capabilities")(e)),
-    }
-    set_capabilities(0).map_err(call("clearing the capability sets"))?;
+    namespaces::isolate()?;
+    caps::clear_all()?;
     nix::sys::prctl::set_no_new_privs().map_err(call("setting no_new_privs"))?;
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(call("setting the death signal"))?;
     if getppid() != primary {
         return Err(SandboxError::Orphaned);
     }
-    Ok(())
+    seccomp::install()
 }
 
 #[cfg(test)]

@@ -48,6 +48,14 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Serve queue pair `queue_pair` on `control` as [`crate::run_worker`]
+/// does, but without its sandbox (which needs a process of its own: a
+/// user namespace cannot be entered by a thread of a threaded process), so
+/// a test may run the worker as one of its threads.
+pub fn serve_worker(queue_pair: u16, control: std::os::fd::OwnedFd) -> anyhow::Result<()> {
+    crate::worker::serve(queue_pair, control)
+}
+
 #[cfg(test)]
 pub(crate) use internal::dgram_pair;
 
