@@ -67,7 +67,8 @@ impl Request {
     }
 
     /// Check the fds that came with this request: their number, and for
-    /// StartRing that kick and call are eventfds.
+    /// StartRing that kick and call are anonymous-inode fds
+    /// ([`check_anon_inode`]; the primary has made sure they are eventfds).
     pub fn check_fds<F: AsFd>(&self, fds: &[F]) -> Result<(), FdError> {
         let expected = self.fds_expected();
         if fds.len() != expected {
@@ -79,22 +80,19 @@ impl Request {
         }
         if let Request::StartRing(_) = self {
             for (fd, which) in fds.iter().zip(["kick", "call"]) {
-                check_eventfd(which, fd.as_fd())?;
+                check_anon_inode(which, fd.as_fd())?;
             }
         }
         Ok(())
     }
 }
 
-/// Refuse an fd that is not an eventfd.
-///
-/// Where `/proc` is mounted (the primary, which gets the fds from the VMM)
-/// the fd's name there must be `anon_inode:[eventfd]`. A sandboxed worker
-/// has no `/proc` (its root is empty); there the fd must at least be an
-/// anonymous-inode fd (no file type in its mode: never a file, memfd,
-/// socket, pipe or device), which the primary's own check narrowed to an
-/// eventfd before passing it on.
-pub fn check_eventfd(which: &'static str, fd: BorrowedFd<'_>) -> Result<(), FdError> {
+/// Refuse an fd that is not an anonymous-inode fd (no file type in its
+/// mode: an eventfd, never a file, memfd, socket, pipe or device), with
+/// `fstat` alone: what a sandboxed worker can check of the ring fds it
+/// gets, having no file system. The primary, which takes them from the VMM,
+/// narrows them to eventfds first ([`check_eventfd`]).
+pub fn check_anon_inode(which: &'static str, fd: BorrowedFd<'_>) -> Result<(), FdError> {
     let mode = match nix::sys::stat::fstat(fd) {
         Ok(st) => st.st_mode,
         Err(e) => {
@@ -110,10 +108,14 @@ pub fn check_eventfd(which: &'static str, fd: BorrowedFd<'_>) -> Result<(), FdEr
             target: format!("not an anonymous inode (mode {mode:o})"),
         });
     }
-    if !std::path::Path::new("/proc/self/fd").exists() {
-        // No /proc: the sandboxed worker.
-        return Ok(());
-    }
+    Ok(())
+}
+
+/// Refuse an fd that is not an eventfd: an anonymous inode whose name in
+/// `/proc/self/fd` is `anon_inode:[eventfd]` (the primary's check of the
+/// fds a VMM sends).
+pub fn check_eventfd(which: &'static str, fd: BorrowedFd<'_>) -> Result<(), FdError> {
+    check_anon_inode(which, fd)?;
     let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
     match std::fs::read_link(&link) {
         Ok(t) if t.as_os_str() == "anon_inode:[eventfd]" => Ok(()),
@@ -179,10 +181,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // Another anonymous-inode fd: told apart by its name in /proc.
+        // Another anonymous-inode fd passes the worker's fstat check; the
+        // primary, which takes the fds from the VMM, tells it apart by its
+        // name in /proc.
         let epoll =
             nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::empty()).unwrap();
-        match start(true).check_fds(&[eventfd(), epoll.0]) {
+        assert!(check_eventfd("call", eventfd().as_fd()).is_ok());
+        match check_eventfd("call", epoll.0.as_fd()) {
             Err(FdError::NotEventfd {
                 which: "call",
                 target,

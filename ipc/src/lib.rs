@@ -12,7 +12,7 @@
 //!
 //! Facts both sides must agree on are defined here once: how many fds each
 //! request carries and what kind they are ([`Request::check_fds`],
-//! [`check_eventfd`]), and the rules of a memory table
+//! [`check_eventfd`], [`check_anon_inode`]), and the rules of a memory table
 //! ([`memory_table::validate_table`]).
 #![deny(missing_docs)]
 
@@ -24,7 +24,7 @@ mod messages;
 pub use channel::{
     decode_message, encode_message, fuzz_ipc_decode, Channel, IpcError, MAX_FDS, MAX_MESSAGE_SIZE,
 };
-pub use fds::{check_eventfd, FdError};
+pub use fds::{check_anon_inode, check_eventfd, FdError};
 pub use memory_table::MemoryTableError;
 pub use messages::{
     MemoryRegion, Reply, Request, RingConfig, RingKind, PROTOCOL_VERSION, WORKER_CONTROL_FD,

@@ -5,7 +5,8 @@
 //! A filter is inherited across fork and exec, so this one also covers
 //! what a worker does before its own, tighter filter is in place: the
 //! child's steps between fork and exec, the dynamic loader, and the
-//! worker's sandbox set-up (user, namespaces, empty root, capabilities).
+//! worker's sandbox set-up (user, namespaces, Landlock or an empty root,
+//! capabilities).
 //! Those calls are here too, marked as such. Calls never made by either
 //! are refused by killing the process (`SECCOMP_RET_KILL_PROCESS`), among
 //! them `ptrace`, `process_vm_readv`/`writev`, `bpf`, `io_uring_*`,
@@ -147,7 +148,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_exit,
     libc::SYS_exit_group,
     // A worker's sandbox set-up, before its own filter (`qpnet_secondary`'s
-    // sandbox): its user, capabilities, namespaces, empty root, filter.
+    // sandbox): its user, capabilities, namespaces, Landlock (or an empty
+    // root), filter.
     libc::SYS_setgroups,
     libc::SYS_setresgid,
     libc::SYS_setresuid,
@@ -155,6 +157,9 @@ const ALLOWED: &[i64] = &[
     libc::SYS_capset,
     libc::SYS_prctl,
     libc::SYS_unshare,
+    libc::SYS_landlock_create_ruleset,
+    libc::SYS_landlock_add_rule,
+    libc::SYS_landlock_restrict_self,
     libc::SYS_mount,
     libc::SYS_umount2,
     libc::SYS_pivot_root,

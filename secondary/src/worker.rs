@@ -35,7 +35,8 @@ const IDLE_WAIT_MS: u16 = 250;
 /// (as user `run_as` when given: [`crate::sandbox`]).
 pub fn run_worker(queue_pair: u16, control: OwnedFd, run_as: Option<RunAs>) -> anyhow::Result<()> {
     let faults = test_fault::at_start(queue_pair);
-    sandbox::enter(run_as).context("dropping privileges")?;
+    let sandboxed = sandbox::enter(run_as).context("dropping privileges")?;
+    info!("qp{queue_pair}: worker {} {sandboxed}", std::process::id());
     run(queue_pair, control, faults)
 }
 

@@ -1,9 +1,9 @@
 //! Workers give up their privileges before they read anything the guest
 //! wrote: started by a root qpnet they run as `nobody` (or
 //! `--worker-user`), with no capability in any set (the bounding set
-//! emptied), no_new_privs, a seccomp filter, and namespaces of their own
-//! (an empty root directory, a network namespace with only a loopback),
-//! and they still move frames; a replacement worker is sandboxed the same
+//! emptied), no_new_privs, a seccomp filter, namespaces of their own (a
+//! network namespace with only a loopback) and no file (Landlock), and
+//! they still move frames; a replacement worker is sandboxed the same
 //! way. The primary itself keeps only the
 //! capabilities it needs to start and signal them.
 //!
@@ -73,28 +73,22 @@ fn check_sandboxed(pid: u32, uid: u32, gid: u32) -> Result<()> {
     Ok(())
 }
 
-/// The worker's namespaces are its own, its root directory is empty and
-/// its network namespace has no interface but `lo`.
-fn check_isolated(pid: u32, primary: u32) -> Result<()> {
-    for ns in ["user", "mnt", "net", "ipc", "uts"] {
-        let link = |p: u32| {
-            std::fs::read_link(format!("/proc/{p}/ns/{ns}"))
-                .with_context(|| format!("reading /proc/{p}/ns/{ns}"))
-        };
-        let (w, p) = (link(pid)?, link(primary)?);
+/// The worker's user, network, IPC and UTS namespaces are its own (its
+/// network namespace has no interface but `lo`), and its files are closed:
+/// by Landlock, as its log says (`landlock.rs`'s unit test shows what that
+/// denies), or where the kernel has none by an empty root.
+fn check_isolated(pid: u32, primary: u32, log: &str) -> Result<()> {
+    let link = |p: u32, ns: &str| {
+        std::fs::read_link(format!("/proc/{p}/ns/{ns}"))
+            .with_context(|| format!("reading /proc/{p}/ns/{ns}"))
+    };
+    for ns in ["user", "net", "ipc", "uts"] {
+        let (w, p) = (link(pid, ns)?, link(primary, ns)?);
         ensure!(
             w != p,
             "worker {pid} shares the primary's {ns} namespace ({w:?})"
         );
     }
-    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
-        .with_context(|| format!("listing /proc/{pid}/root"))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<std::io::Result<_>>()?;
-    ensure!(
-        root.is_empty(),
-        "worker {pid}: its root directory holds {root:?}"
-    );
     let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
         .with_context(|| format!("reading /proc/{pid}/net/dev"))?;
     let ifaces: Vec<&str> = dev
@@ -106,6 +100,30 @@ fn check_isolated(pid: u32, primary: u32) -> Result<()> {
     ensure!(
         ifaces == ["lo"],
         "worker {pid}: its network namespace has {ifaces:?}, want only lo"
+    );
+    let said = format!("worker {pid} sandboxed: ");
+    let line = log
+        .lines()
+        .find(|l| l.contains(&said))
+        .with_context(|| format!("no {said:?} line in the log"))?;
+    if line.contains("files closed by Landlock") {
+        return Ok(());
+    }
+    ensure!(
+        line.contains("files closed by an empty root"),
+        "worker {pid}: its files are not closed: {line}"
+    );
+    ensure!(
+        link(pid, "mnt")? != link(primary, "mnt")?,
+        "worker {pid} shares the primary's mount namespace"
+    );
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .with_context(|| format!("listing /proc/{pid}/root"))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()?;
+    ensure!(
+        root.is_empty(),
+        "worker {pid}: its root directory holds {root:?}"
     );
     Ok(())
 }
@@ -164,7 +182,7 @@ fn check_bed(bed: &mut Testbed, (uid, gid): (u32, u32)) -> Result<()> {
     check_primary(bed.qpnet.pid())?;
     for &pid in &pids {
         check_sandboxed(pid, uid, gid)?;
-        check_isolated(pid, bed.qpnet.pid())?;
+        check_isolated(pid, bed.qpnet.pid(), &bed.qpnet.stderr())?;
     }
     let mut vmm = bed.vmm(VmmConfig {
         queue_pairs: 2,
@@ -176,7 +194,7 @@ fn check_bed(bed: &mut Testbed, (uid, gid): (u32, u32)) -> Result<()> {
     old.signal(Signal::SIGKILL)?;
     for pid in ready_workers(bed, &pids[..1])? {
         check_sandboxed(pid, uid, gid)?;
-        check_isolated(pid, bed.qpnet.pid())?;
+        check_isolated(pid, bed.qpnet.pid(), &bed.qpnet.stderr())?;
     }
     tx_round(
         &mut vmm,
@@ -266,7 +284,7 @@ fn forbidden_call(bed: &mut Testbed, marker: &std::path::Path) -> Result<()> {
     );
     for &pid in &now {
         check_sandboxed(pid, user("nobody")?.0, user("nobody")?.1)?;
-        check_isolated(pid, bed.qpnet.pid())?;
+        check_isolated(pid, bed.qpnet.pid(), &bed.qpnet.stderr())?;
     }
     ensure!(
         pids.contains(&now[0]) || pids.contains(&now[1]),

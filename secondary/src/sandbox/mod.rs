@@ -6,17 +6,20 @@
 //! 1. the capability bounding set is emptied while it still may be
 //!    (`caps`), and the process takes the unprivileged user the primary
 //!    names ([`RunAs`], from `qpnet run --worker-user`);
-//! 2. it enters namespaces of its own (`namespaces`): a user namespace,
-//!    a mount namespace whose root is an empty read-only tmpfs (no file of
-//!    the host can be opened, not even `/proc`), and a network namespace
-//!    with no interface but a down loopback (the TAP queue fd it gets later
-//!    still works: an open fd keeps its device);
-//! 3. every capability is dropped (bounding, ambient, inheritable,
+//! 2. it enters namespaces of its own (`namespaces`): a user namespace, a
+//!    network namespace with no interface but a down loopback (the TAP
+//!    queue fd it gets later still works: an open fd keeps its device),
+//!    IPC and UTS;
+//! 3. it closes every path (`landlock`: a Landlock ruleset granting no
+//!    file-system right; where the kernel has no Landlock, an empty root
+//!    in a mount namespace of its own instead), so no file of the host can
+//!    be opened, not even `/proc`;
+//! 4. every capability is dropped (bounding, ambient, inheritable,
 //!    permitted, effective: the full set the new user namespace gave, too),
 //!    `no_new_privs` is set and the parent-death signal set again (a change
 //!    of credentials clears it; the worker gives up if the primary died in
 //!    between);
-//! 4. last, the seccomp allow-list (`seccomp`): any other system call kills
+//! 5. last, the seccomp allow-list (`seccomp`): any other system call kills
 //!    the process (`SECCOMP_RET_KILL_PROCESS`), and the primary logs the
 //!    call by number and name ([`syscall_name`]).
 //!
@@ -25,6 +28,7 @@
 //! whatever the process's user, root directory or network namespace.
 
 mod caps;
+mod landlock;
 mod namespaces;
 mod seccomp;
 mod syscall_names;
@@ -83,6 +87,9 @@ pub enum SandboxError {
         #[source]
         source: nix::Error,
     },
+    /// The Landlock ruleset could not be made or enforced.
+    #[error("closing the file system with Landlock")]
+    Landlock(#[source] ::landlock::RulesetError),
     /// The seccomp filter could not be built or installed.
     #[error("installing the seccomp filter")]
     Seccomp(#[source] seccompiler::Error),
@@ -98,7 +105,7 @@ fn call(what: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
 
 /// Give up every privilege and all reach (see the module documentation);
 /// with `run_as`, become that user first.
-pub fn enter(run_as: Option<RunAs>) -> Result<(), SandboxError> {
+pub fn enter(run_as: Option<RunAs>) -> Result<Sandboxed, SandboxError> {
     let primary = getppid();
     let root = Uid::effective().is_root();
     match caps::drop_bounding_set() {
@@ -116,13 +123,54 @@ pub fn enter(run_as: Option<RunAs>) -> Result<(), SandboxError> {
         nix::unistd::setresuid(u, u, u).map_err(call("setresuid"))?;
     }
     namespaces::isolate()?;
+    let files = if landlock::deny_files().map_err(SandboxError::Landlock)? {
+        Files::Landlock
+    } else {
+        namespaces::empty_root()?;
+        Files::EmptyRoot
+    };
     caps::clear_all()?;
     nix::sys::prctl::set_no_new_privs().map_err(call("setting no_new_privs"))?;
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(call("setting the death signal"))?;
     if getppid() != primary {
         return Err(SandboxError::Orphaned);
     }
-    seccomp::install()
+    let uid = Uid::current().as_raw();
+    seccomp::install()?;
+    Ok(Sandboxed { files, uid })
+}
+
+/// How a worker's files were closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Files {
+    /// A Landlock ruleset granting no file-system right.
+    Landlock,
+    /// An empty root in a mount namespace of its own (no Landlock).
+    EmptyRoot,
+}
+
+/// What [`enter`] set up, for the worker's log.
+#[derive(Debug, Clone, Copy)]
+pub struct Sandboxed {
+    /// How files were closed.
+    pub files: Files,
+    /// The user it runs as.
+    pub uid: u32,
+}
+
+impl fmt::Display for Sandboxed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let files = match self.files {
+            Files::Landlock => "files closed by Landlock",
+            Files::EmptyRoot => "files closed by an empty root (no Landlock)",
+        };
+        write!(
+            f,
+            "sandboxed: uid {}, no capabilities, own user, network, IPC and UTS namespaces, \
+             {files}, seccomp allow-list",
+            self.uid
+        )
+    }
 }
 
 #[cfg(test)]

@@ -1,17 +1,22 @@
 //! The worker's own namespaces, so that a compromised worker reaches no
-//! file and no network of the host.
+//! network and no System V object of the host.
 //!
 //! A new user namespace lets an unprivileged process make the others and
 //! gives it, inside, the capabilities to set them up (all dropped right
-//! after, `caps::clear_all`). The mount namespace's root becomes an empty
-//! read-only tmpfs: the tmpfs is mounted on `/tmp` (present on every
-//! system, and only in this namespace), made the root with
-//! `pivot_root(".", ".")`, and the old root, stacked beneath it, is
-//! detached. The network namespace has only a loopback, down; the TAP
-//! queue fd the worker gets later keeps working, as any open fd keeps its
-//! device. IPC and UTS namespaces of its own leave it no System V objects
-//! or host name to touch. No PID namespace: the primary and the kernel log
-//! know a worker by its one PID.
+//! after, `caps::clear_all`). The network namespace has only a loopback,
+//! down; the TAP queue fd the worker gets later keeps working, as any open
+//! fd keeps its device. IPC and UTS namespaces of its own leave it no
+//! System V objects or host name to touch. No PID namespace: the primary
+//! and the kernel log know a worker by its one PID.
+//!
+//! Files are closed by Landlock (`landlock`). Only where the kernel has no
+//! Landlock does the worker also take a mount namespace whose root is an
+//! empty read-only tmpfs ([`empty_root`]): the tmpfs is mounted on `/tmp`
+//! (present on every system, and only in this namespace), made the root
+//! with `pivot_root(".", ".")`, and the old root, stacked beneath it, is
+//! detached. It costs more: tearing a mount namespace down at exit waits
+//! for an RCU grace period, which delays the worker's exit, so its
+//! replacement, by up to tens of milliseconds on a loaded machine.
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
@@ -21,23 +26,24 @@ use super::{call, SandboxError};
 /// Where the empty root is mounted before it becomes `/`.
 const EMPTY_ROOT_AT: &str = "/tmp";
 
-/// Enter the new namespaces and make the empty root this process's `/`.
+/// Enter the new user, network, IPC and UTS namespaces.
 pub(super) fn isolate() -> Result<(), SandboxError> {
     unshare(
         CloneFlags::CLONE_NEWUSER
-            | CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS,
     )
     .map_err(call(
-        "creating the worker's namespaces (user, mount, network, IPC, UTS): \
+        "creating the worker's namespaces (user, network, IPC, UTS): \
          are unprivileged user namespaces allowed (user.max_user_namespaces)?",
-    ))?;
-    empty_root()
+    ))
 }
 
-fn empty_root() -> Result<(), SandboxError> {
+/// Enter a mount namespace of its own and make an empty root its `/`
+/// (after [`isolate`]: the user namespace gives the right to).
+pub(super) fn empty_root() -> Result<(), SandboxError> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(call("creating the worker's mount namespace"))?;
     // Nothing mounted here propagates back to the host's namespace.
     mount(
         None::<&str>,
