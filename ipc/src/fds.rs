@@ -11,7 +11,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use crate::Request;
+use crate::{Request, RingConfig};
 
 /// Why the fds beside a message were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,12 +53,13 @@ impl Request {
 
     /// How many fds travel beside this request: one per memory region for
     /// SetMemTable, the TAP queue or the shared region for AttachTap /
-    /// AttachShared, kick (and call) for StartRing, none otherwise.
+    /// AttachShared, the ring's eventfds for StartRing
+    /// ([`RingConfig::fd_names`]), none otherwise.
     pub fn fds_expected(&self) -> usize {
         match self {
             Request::SetMemTable { regions } => regions.len(),
             Request::AttachTap | Request::AttachShared { .. } => 1,
-            Request::StartRing(cfg) => 1 + usize::from(cfg.has_call),
+            Request::StartRing(cfg) => cfg.fd_names().count(),
             Request::Hello { .. }
             | Request::SetFeatures { .. }
             | Request::StopRing { .. }
@@ -67,7 +68,7 @@ impl Request {
     }
 
     /// Check the fds that came with this request: their number, and for
-    /// StartRing that kick and call are eventfds.
+    /// StartRing that each of them (kick, call, error) is an eventfd.
     pub fn check_fds<F: AsFd>(&self, fds: &[F]) -> Result<(), FdError> {
         let expected = self.fds_expected();
         if fds.len() != expected {
@@ -77,12 +78,22 @@ impl Request {
                 got: fds.len(),
             });
         }
-        if let Request::StartRing(_) = self {
-            for (fd, which) in fds.iter().zip(["kick", "call"]) {
+        if let Request::StartRing(cfg) = self {
+            for (fd, which) in fds.iter().zip(cfg.fd_names()) {
                 check_eventfd(which, fd.as_fd())?;
             }
         }
         Ok(())
+    }
+}
+
+impl RingConfig {
+    /// The eventfds beside a StartRing, in the order they travel: `"kick"`,
+    /// then `"call"` when `has_call`, then `"error"` when `has_err`.
+    pub fn fd_names(&self) -> impl Iterator<Item = &'static str> {
+        [("kick", true), ("call", self.has_call), ("error", self.has_err)]
+            .into_iter()
+            .filter_map(|(name, present)| present.then_some(name))
     }
 }
 
@@ -111,6 +122,10 @@ mod tests {
     }
 
     fn start(has_call: bool) -> Request {
+        start_with(has_call, false)
+    }
+
+    fn start_with(has_call: bool, has_err: bool) -> Request {
         Request::StartRing(RingConfig {
             kind: RingKind::Rx,
             size: 256,
@@ -119,6 +134,7 @@ mod tests {
             used_ring: 0x2000,
             next_avail: 0,
             has_call,
+            has_err,
             signal_on_start: false,
         })
     }
@@ -137,6 +153,32 @@ mod tests {
         assert!(Request::Shutdown.check_fds(&[eventfd()]).is_err());
         assert!(Request::Shutdown.check_fds::<OwnedFd>(&[]).is_ok());
         assert_eq!(Request::AttachTap.fds_expected(), 1);
+    }
+
+    #[test]
+    fn the_error_eventfd_comes_last_and_is_counted() {
+        assert_eq!(start_with(true, true).fds_expected(), 3);
+        assert_eq!(start_with(false, true).fds_expected(), 2);
+        let Request::StartRing(cfg) = start_with(false, true) else {
+            unreachable!()
+        };
+        assert_eq!(cfg.fd_names().collect::<Vec<_>>(), ["kick", "error"]);
+        assert!(start_with(true, true)
+            .check_fds(&[eventfd(), eventfd(), eventfd()])
+            .is_ok());
+        assert!(matches!(
+            start_with(true, true).check_fds(&[eventfd(), eventfd()]),
+            Err(FdError::Count {
+                expected: 3,
+                got: 2,
+                ..
+            })
+        ));
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        assert!(matches!(
+            start_with(false, true).check_fds(&[eventfd(), pipe]),
+            Err(FdError::NotEventfd { which: "error", .. })
+        ));
     }
 
     #[test]

@@ -219,6 +219,7 @@ impl Device {
             used_ring: gpa(addr.used, 2, "used ring")?,
             next_avail,
             has_call: v.call.is_some(),
+            has_err: false,
             signal_on_start,
         };
         let mut fds = vec![kick.as_fd()];
