@@ -91,9 +91,13 @@ impl RingConfig {
     /// The eventfds beside a StartRing, in the order they travel: `"kick"`,
     /// then `"call"` when `has_call`, then `"error"` when `has_err`.
     pub fn fd_names(&self) -> impl Iterator<Item = &'static str> {
-        [("kick", true), ("call", self.has_call), ("error", self.has_err)]
-            .into_iter()
-            .filter_map(|(name, present)| present.then_some(name))
+        [
+            ("kick", true),
+            ("call", self.has_call),
+            ("error", self.has_err),
+        ]
+        .into_iter()
+        .filter_map(|(name, present)| present.then_some(name))
     }
 }
 
