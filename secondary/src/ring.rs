@@ -40,7 +40,9 @@
 //!
 //! Anything that makes the ring itself unusable (an avail index that jumped
 //! past the ring size, a head index out of range, ring memory that cannot be
-//! written) is a [`RingFault`]: the worker stops that ring.
+//! written) is a [`RingFault`]: the worker stops that ring, counts it
+//! (`ring_faults`) and writes the ring's error eventfd once
+//! ([`Ring::signal_error`]), when the VMM gave one (SET_VRING_ERR).
 
 use std::num::Wrapping;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -113,6 +115,8 @@ pub struct Ring {
     queue: Queue,
     kick: OwnedFd,
     call: Option<OwnedFd>,
+    /// The error eventfd (SET_VRING_ERR), written once when the ring faults.
+    err: Option<OwnedFd>,
     /// Next used entry to fill (ours; the queue's copy is synced on publish).
     next_used: Wrapping<u16>,
     /// Used index last stored in guest memory.
@@ -128,8 +132,9 @@ pub const PUBLISH_EVERY: u16 = 64;
 
 impl Ring {
     /// Build a ring from its configuration and fds (kick, then call when
-    /// `cfg.has_call`; checked with the request), checking the ring against
-    /// `mem`.
+    /// `cfg.has_call`, then error when `cfg.has_err`, as
+    /// `RingConfig::fd_names` says; checked with the request), checking the
+    /// ring against `mem`.
     pub fn start(
         cfg: &RingConfig,
         event_idx: bool,
@@ -138,18 +143,15 @@ impl Ring {
     ) -> Result<Ring, StartError> {
         // Their number and kind were checked with the request
         // (`Request::check_fds`).
-        let mut fds = fds.into_iter();
-        let (Some(kick), call) = (fds.next(), fds.next().filter(|_| cfg.has_call)) else {
-            return Err(StartError::NoKick);
-        };
+        let RingFds { kick, call, err } = RingFds::split(cfg, fds)?;
         set_nonblocking(&kick).map_err(StartError::Nonblocking)?;
-        // A call eventfd the VMM never reads would block a write once its
-        // counter is full; nonblocking, that interrupt is dropped instead.
-        // (The VMM shares the open file and could clear O_NONBLOCK again;
-        // then only this queue pair can hang, and the primary's watchdog
-        // replaces its worker.)
-        if let Some(call) = &call {
-            set_nonblocking(call).map_err(StartError::Nonblocking)?;
+        // A call or error eventfd the VMM never reads would block a write
+        // once its counter is full; nonblocking, that write is dropped
+        // instead. (The VMM shares the open file and could clear O_NONBLOCK
+        // again; then only this queue pair can hang, and the primary's
+        // watchdog replaces its worker.)
+        for fd in call.iter().chain(err.iter()) {
+            set_nonblocking(fd).map_err(StartError::Nonblocking)?;
         }
         let queue = build_queue(cfg, event_idx)?;
         if !queue.is_valid(mem.vm()) {
@@ -165,6 +167,7 @@ impl Ring {
             queue,
             kick,
             call,
+            err,
             next_used: start,
             published_used: start,
             signalled_used: start,
@@ -380,6 +383,23 @@ impl Ring {
         nix::unistd::write(call, &1u64.to_ne_bytes()).is_ok()
     }
 
+    /// Tell the VMM the guest made this ring unusable: write 1 to the error
+    /// eventfd, if there is one. Never blocks; a saturated counter (EAGAIN:
+    /// the VMM has not read the earlier ones) or any other failure is only
+    /// logged. Returns whether it was written.
+    pub fn signal_error(&self) -> bool {
+        let Some(err) = &self.err else {
+            return false;
+        };
+        match nix::unistd::write(err, &1u64.to_ne_bytes()) {
+            Ok(_) => true,
+            Err(e) => {
+                log::warn!("ring error eventfd not written: {e}");
+                false
+            }
+        }
+    }
+
     /// Clear the kick eventfd. Returns whether it had been kicked.
     pub fn drain_kick(&self) -> bool {
         let mut buf = [0u8; 8];
@@ -429,6 +449,29 @@ impl Ring {
             .checked_add(offset)
             .map(GuestAddress)
             .ok_or(RingFault::Queue(virtio_queue::Error::AddressOverflow))
+    }
+}
+
+/// The eventfds that came with a StartRing, by role.
+struct RingFds {
+    kick: OwnedFd,
+    call: Option<OwnedFd>,
+    err: Option<OwnedFd>,
+}
+
+impl RingFds {
+    /// Name the fds in the order `RingConfig::fd_names` gives them.
+    fn split(cfg: &RingConfig, fds: Vec<OwnedFd>) -> Result<RingFds, StartError> {
+        let (mut kick, mut call, mut err) = (None, None, None);
+        for (fd, name) in fds.into_iter().zip(cfg.fd_names()) {
+            match name {
+                "kick" => kick = Some(fd),
+                "call" => call = Some(fd),
+                _ => err = Some(fd),
+            }
+        }
+        let kick = kick.ok_or(StartError::NoKick)?;
+        Ok(RingFds { kick, call, err })
     }
 }
 
