@@ -4,7 +4,9 @@
 //! avail index far past the ring, hostile RX buffers. Each must cost only
 //! itself: it comes back used with length 0 and is counted, a good frame
 //! sent right after it still arrives, and qpnet comes through unharmed
-//! (see `qpnet_tests::hostile`).
+//! (see `qpnet_tests::hostile`). A ring the guest made unusable is stopped,
+//! counted (`ring_faults`) and reported once on the ring's error eventfd
+//! (SET_VRING_ERR), and the other queue pair goes on forwarding.
 //!
 //! Needs root and `$QPNET_BIN`.
 
@@ -14,11 +16,14 @@ use anyhow::{ensure, Context, Result};
 use qpnet_secondary::test_util::{desc as d, Desc, F_INDIRECT, F_NEXT, F_WRITE};
 use qpnet_shared::QueueStats;
 use qpnet_tests::frames::{build, mixed_len, FrameId, FrameKind, FrameSpec};
-use qpnet_tests::hostile::{check_unharmed, testbed, TIMEOUT};
+use qpnet_tests::hostile::{
+    check_unharmed, error_eventfd, ring_error_pending, testbed, wait_ring_error, TIMEOUT,
+};
 use qpnet_tests::net_driver::NET_HDR_LEN;
 use qpnet_tests::traffic::{rx_traffic_lossy, tx_frame, TapCollector};
 use qpnet_tests::vmm::VmmConfig;
 use qpnet_tests::wait::wait_for;
+use vhost::VhostBackend;
 
 /// A hostile TX chain: what it is, whether it is a runt (else a bad
 /// descriptor), and its descriptors (the first is the head).
@@ -222,6 +227,73 @@ fn avail_index_jumping_past_the_ring_harms_nothing_else() -> Result<()> {
         used == 0,
         "the device used {used} chains from a ring whose avail index is impossible"
     );
+    drop(vmm);
+    check_unharmed(bed, &workers)
+}
+
+/// A TX ring the guest made unusable (avail index more than a ring ahead)
+/// is stopped, counted once in `ring_faults` and reported once on the error
+/// eventfd the VMM gave with SET_VRING_ERR; the other rings' error eventfds
+/// stay silent, the other queue pair forwards both ways, and no worker is
+/// replaced.
+#[test]
+fn a_ring_made_unusable_is_reported_on_its_error_eventfd() -> Result<()> {
+    let (mut bed, workers) = testbed(2)?;
+    let mut vmm = bed.vmm(VmmConfig {
+        queue_pairs: 2,
+        ..VmmConfig::default()
+    })?;
+    let errs = [
+        error_eventfd()?,
+        error_eventfd()?,
+        error_eventfd()?,
+        error_eventfd()?,
+    ];
+    let result = (|| -> Result<()> {
+        for (vring, err) in errs.iter().enumerate() {
+            vmm.frontend()
+                .set_vring_err(vring, err)
+                .with_context(|| format!("SET_VRING_ERR {vring}"))?;
+        }
+        // The rings restarted with their error eventfds still forward.
+        bed.frames_through(&mut vmm, &[0, 1], 0..20)?;
+        ensure!(
+            !errs.iter().any(ring_error_pending),
+            "an error eventfd was written before any fault"
+        );
+        let size = vmm.config().queue_size;
+        let tx0 = &mut vmm.tx[0];
+        let used_before = tx0.queue.used_idx();
+        tx0.queue.set_avail_idx(used_before.wrapping_add(size + 10));
+        tx0.queue.kick();
+        let n = wait_ring_error("ring 1's error eventfd", &errs[1], TIMEOUT)?;
+        ensure!(n == 1, "ring 1's error eventfd counted {n}, one fault");
+        // Kicked again: the ring is stopped, so nothing more is reported.
+        for _ in 0..5 {
+            vmm.tx[0].queue.kick();
+        }
+        bed.frames_through(&mut vmm, &[1], 20..120)?;
+        bed.rx_round(&mut vmm, 200, 8, mixed_len)?;
+        let used = vmm.tx[0].queue.used_idx();
+        ensure!(
+            used == used_before,
+            "the device used chains of a ring whose avail index is impossible ({used_before} -> {used})"
+        );
+        for (vring, err) in errs.iter().enumerate() {
+            ensure!(
+                !ring_error_pending(err),
+                "ring {vring}'s error eventfd written (again)"
+            );
+        }
+        let stats = bed.qpnet.stats()?;
+        let faults: Vec<u64> = (0..2)
+            .map(|qp| stats.queue(qp).map(|q| QueueStats::get(&q.ring_faults)))
+            .collect::<Option<_>>()
+            .context("queue stats")?;
+        ensure!(faults == [1, 0], "ring_faults per queue pair: {faults:?}");
+        Ok(())
+    })();
+    bed.explain(result)?;
     drop(vmm);
     check_unharmed(bed, &workers)
 }
