@@ -10,11 +10,12 @@
 //!
 //! Needs root and `$QPNET_BIN`.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use qpnet_secondary::test_util::{desc as d, Desc, F_INDIRECT, F_NEXT, F_WRITE};
-use qpnet_shared::QueueStats;
+use qpnet_shared::{QueueStats, WorkerState};
 use qpnet_tests::frames::{build, mixed_len, FrameId, FrameKind, FrameSpec};
 use qpnet_tests::hostile::{
     check_unharmed, error_eventfd, ring_error_pending, testbed, wait_ring_error, TIMEOUT,
@@ -296,6 +297,58 @@ fn a_ring_made_unusable_is_reported_on_its_error_eventfd() -> Result<()> {
     bed.explain(result)?;
     drop(vmm);
     check_unharmed(bed, &workers)
+}
+
+/// The error eventfd outlives the worker it was given to: after queue pair
+/// 0's worker is killed, its replacement gets the fd again with the resumed
+/// ring, forwards, and reports the guest's fault on it, once.
+#[test]
+fn a_replacement_worker_reports_on_the_error_eventfd_it_got_again() -> Result<()> {
+    let (mut bed, _workers) = testbed(2)?;
+    let mut vmm = bed.vmm(VmmConfig {
+        queue_pairs: 2,
+        ..VmmConfig::default()
+    })?;
+    let err = error_eventfd()?;
+    let result = (|| -> Result<()> {
+        vmm.frontend()
+            .set_vring_err(1, &err)
+            .context("SET_VRING_ERR 1")?;
+        let stats = bed.qpnet.stats()?;
+        let q0 = stats.queue(0).context("queue stats")?;
+        let old = q0.pid.load(Ordering::Relaxed);
+        ensure!(old != 0, "queue pair 0 has no worker pid");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(old)?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
+        wait_for("queue pair 0's replacement worker", TIMEOUT, || {
+            let now = q0.pid.load(Ordering::Relaxed);
+            now != 0 && now != old && q0.worker_state() == Some(WorkerState::Running)
+        })?;
+        bed.frames_through(&mut vmm, &[0, 1], 0..20)?;
+        ensure!(
+            !ring_error_pending(&err),
+            "the error eventfd was written before any fault"
+        );
+        let size = vmm.config().queue_size;
+        let tx0 = &mut vmm.tx[0];
+        tx0.queue
+            .set_avail_idx(tx0.queue.used_idx().wrapping_add(size + 10));
+        tx0.queue.kick();
+        let n = wait_ring_error("ring 1's error eventfd", &err, TIMEOUT)?;
+        ensure!(n == 1, "ring 1's error eventfd counted {n}, one fault");
+        let (faults, restarts) = (
+            QueueStats::get(&q0.ring_faults),
+            QueueStats::get(&q0.restarts),
+        );
+        ensure!(
+            (faults, restarts) == (1, 1),
+            "queue pair 0: ring_faults {faults}, restarts {restarts}"
+        );
+        Ok(())
+    })();
+    bed.explain(result)?;
+    drop(vmm);
+    bed.finish()
 }
 
 /// Hostile RX buffers placed first in the ring: read-only, outside guest
