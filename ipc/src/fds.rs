@@ -87,6 +87,17 @@ impl Request {
     }
 }
 
+/// The eventfds beside a StartRing, by role.
+#[derive(Debug)]
+pub struct RingFds<F> {
+    /// The kick eventfd (always there).
+    pub kick: F,
+    /// The call eventfd, when `has_call`.
+    pub call: Option<F>,
+    /// The error eventfd (SET_VRING_ERR), when `has_err`.
+    pub err: Option<F>,
+}
+
 impl RingConfig {
     /// The eventfds beside a StartRing, in the order they travel: `"kick"`,
     /// then `"call"` when `has_call`, then `"error"` when `has_err`.
@@ -98,6 +109,24 @@ impl RingConfig {
         ]
         .into_iter()
         .filter_map(|(name, present)| present.then_some(name))
+    }
+
+    /// Name the fds of a StartRing by role, in the order of
+    /// [`RingConfig::fd_names`]; `None` when fewer came than it names (the
+    /// count is [`Request::check_fds`]'s to refuse).
+    pub fn split_fds<F>(&self, fds: Vec<F>) -> Option<RingFds<F>> {
+        let mut fds = fds.into_iter();
+        let kick = fds.next()?;
+        let mut next_if = |present: bool| {
+            if present {
+                fds.next().map(Some)
+            } else {
+                Some(None)
+            }
+        };
+        let call = next_if(self.has_call)?;
+        let err = next_if(self.has_err)?;
+        Some(RingFds { kick, call, err })
     }
 }
 
@@ -178,6 +207,14 @@ mod tests {
                 ..
             })
         ));
+        let Request::StartRing(both) = start_with(true, true) else {
+            unreachable!()
+        };
+        let fds = both.split_fds(vec![1, 2, 3]).unwrap();
+        assert_eq!((fds.kick, fds.call, fds.err), (1, Some(2), Some(3)));
+        let fds = cfg.split_fds(vec![1, 2]).unwrap();
+        assert_eq!((fds.kick, fds.call, fds.err), (1, None, Some(2)));
+        assert!(cfg.split_fds(vec![1]).is_none());
         let (pipe, _w) = nix::unistd::pipe().unwrap();
         assert!(matches!(
             start_with(false, true).check_fds(&[eventfd(), pipe]),

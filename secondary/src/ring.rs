@@ -49,7 +49,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use qpnet_ipc::RingConfig;
+use qpnet_ipc::{RingConfig, RingFds};
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -61,9 +61,10 @@ use crate::guest_memory::GuestMemoryMap;
 /// Why a ring could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// No kick fd came with StartRing (the control request's fds are
-    /// checked before, so only a caller bug gets here).
-    #[error("StartRing came without its kick fd")]
+    /// Fewer fds than its configuration names came with StartRing (the
+    /// control request's fds are checked before, so only a caller bug gets
+    /// here).
+    #[error("StartRing came without the eventfds its configuration names")]
     NoKick,
     /// The kick fd could not be made nonblocking.
     #[error("cannot make the kick eventfd nonblocking")]
@@ -132,9 +133,8 @@ pub const PUBLISH_EVERY: u16 = 64;
 
 impl Ring {
     /// Build a ring from its configuration and fds (kick, then call when
-    /// `cfg.has_call`, then error when `cfg.has_err`, as
-    /// `RingConfig::fd_names` says; checked with the request), checking the
-    /// ring against `mem`.
+    /// `cfg.has_call`, then error when `cfg.has_err`: `RingConfig::split_fds`;
+    /// checked with the request), checking the ring against `mem`.
     pub fn start(
         cfg: &RingConfig,
         event_idx: bool,
@@ -143,7 +143,7 @@ impl Ring {
     ) -> Result<Ring, StartError> {
         // Their number and kind were checked with the request
         // (`Request::check_fds`).
-        let RingFds { kick, call, err } = RingFds::split(cfg, fds)?;
+        let RingFds { kick, call, err } = cfg.split_fds(fds).ok_or(StartError::NoKick)?;
         set_nonblocking(&kick).map_err(StartError::Nonblocking)?;
         // A call or error eventfd the VMM never reads would block a write
         // once its counter is full; nonblocking, that write is dropped
@@ -449,29 +449,6 @@ impl Ring {
             .checked_add(offset)
             .map(GuestAddress)
             .ok_or(RingFault::Queue(virtio_queue::Error::AddressOverflow))
-    }
-}
-
-/// The eventfds that came with a StartRing, by role.
-struct RingFds {
-    kick: OwnedFd,
-    call: Option<OwnedFd>,
-    err: Option<OwnedFd>,
-}
-
-impl RingFds {
-    /// Name the fds in the order `RingConfig::fd_names` gives them.
-    fn split(cfg: &RingConfig, fds: Vec<OwnedFd>) -> Result<RingFds, StartError> {
-        let (mut kick, mut call, mut err) = (None, None, None);
-        for (fd, name) in fds.into_iter().zip(cfg.fd_names()) {
-            match name {
-                "kick" => kick = Some(fd),
-                "call" => call = Some(fd),
-                _ => err = Some(fd),
-            }
-        }
-        let kick = kick.ok_or(StartError::NoKick)?;
-        Ok(RingFds { kick, call, err })
     }
 }
 
