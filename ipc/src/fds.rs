@@ -11,7 +11,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use crate::Request;
+use crate::{Request, RingConfig};
 
 /// Why the fds beside a message were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,12 +53,13 @@ impl Request {
 
     /// How many fds travel beside this request: one per memory region for
     /// SetMemTable, the TAP queue or the shared region for AttachTap /
-    /// AttachShared, kick (and call) for StartRing, none otherwise.
+    /// AttachShared, the ring's eventfds for StartRing
+    /// ([`RingConfig::fd_names`]), none otherwise.
     pub fn fds_expected(&self) -> usize {
         match self {
             Request::SetMemTable { regions } => regions.len(),
             Request::AttachTap | Request::AttachShared { .. } => 1,
-            Request::StartRing(cfg) => 1 + usize::from(cfg.has_call),
+            Request::StartRing(cfg) => cfg.fd_names().count(),
             Request::Hello { .. }
             | Request::SetFeatures { .. }
             | Request::StopRing { .. }
@@ -67,8 +68,9 @@ impl Request {
     }
 
     /// Check the fds that came with this request: their number, and for
-    /// StartRing that kick and call are anonymous-inode fds
-    /// ([`check_anon_inode`]; the primary has made sure they are eventfds).
+    /// StartRing that each of them (kick, call, error) is an
+    /// anonymous-inode fd ([`check_anon_inode`]; the primary has made sure
+    /// they are eventfds).
     pub fn check_fds<F: AsFd>(&self, fds: &[F]) -> Result<(), FdError> {
         let expected = self.fds_expected();
         if fds.len() != expected {
@@ -78,12 +80,55 @@ impl Request {
                 got: fds.len(),
             });
         }
-        if let Request::StartRing(_) = self {
-            for (fd, which) in fds.iter().zip(["kick", "call"]) {
+        if let Request::StartRing(cfg) = self {
+            for (fd, which) in fds.iter().zip(cfg.fd_names()) {
                 check_anon_inode(which, fd.as_fd())?;
             }
         }
         Ok(())
+    }
+}
+
+/// The eventfds beside a StartRing, by role.
+#[derive(Debug)]
+pub struct RingFds<F> {
+    /// The kick eventfd (always there).
+    pub kick: F,
+    /// The call eventfd, when `has_call`.
+    pub call: Option<F>,
+    /// The error eventfd (SET_VRING_ERR), when `has_err`.
+    pub err: Option<F>,
+}
+
+impl RingConfig {
+    /// The eventfds beside a StartRing, in the order they travel: `"kick"`,
+    /// then `"call"` when `has_call`, then `"error"` when `has_err`.
+    pub fn fd_names(&self) -> impl Iterator<Item = &'static str> {
+        [
+            ("kick", true),
+            ("call", self.has_call),
+            ("error", self.has_err),
+        ]
+        .into_iter()
+        .filter_map(|(name, present)| present.then_some(name))
+    }
+
+    /// Name the fds of a StartRing by role, in the order of
+    /// [`RingConfig::fd_names`]; `None` when fewer came than it names (the
+    /// count is [`Request::check_fds`]'s to refuse).
+    pub fn split_fds<F>(&self, fds: Vec<F>) -> Option<RingFds<F>> {
+        let mut fds = fds.into_iter();
+        let kick = fds.next()?;
+        let mut next_if = |present: bool| {
+            if present {
+                fds.next().map(Some)
+            } else {
+                Some(None)
+            }
+        };
+        let call = next_if(self.has_call)?;
+        let err = next_if(self.has_err)?;
+        Some(RingFds { kick, call, err })
     }
 }
 
@@ -141,6 +186,10 @@ mod tests {
     }
 
     fn start(has_call: bool) -> Request {
+        start_with(has_call, false)
+    }
+
+    fn start_with(has_call: bool, has_err: bool) -> Request {
         Request::StartRing(RingConfig {
             kind: RingKind::Rx,
             size: 256,
@@ -149,6 +198,7 @@ mod tests {
             used_ring: 0x2000,
             next_avail: 0,
             has_call,
+            has_err,
             signal_on_start: false,
         })
     }
@@ -167,6 +217,40 @@ mod tests {
         assert!(Request::Shutdown.check_fds(&[eventfd()]).is_err());
         assert!(Request::Shutdown.check_fds::<OwnedFd>(&[]).is_ok());
         assert_eq!(Request::AttachTap.fds_expected(), 1);
+    }
+
+    #[test]
+    fn the_error_eventfd_comes_last_and_is_counted() {
+        assert_eq!(start_with(true, true).fds_expected(), 3);
+        assert_eq!(start_with(false, true).fds_expected(), 2);
+        let Request::StartRing(cfg) = start_with(false, true) else {
+            unreachable!()
+        };
+        assert_eq!(cfg.fd_names().collect::<Vec<_>>(), ["kick", "error"]);
+        assert!(start_with(true, true)
+            .check_fds(&[eventfd(), eventfd(), eventfd()])
+            .is_ok());
+        assert!(matches!(
+            start_with(true, true).check_fds(&[eventfd(), eventfd()]),
+            Err(FdError::Count {
+                expected: 3,
+                got: 2,
+                ..
+            })
+        ));
+        let Request::StartRing(both) = start_with(true, true) else {
+            unreachable!()
+        };
+        let fds = both.split_fds(vec![1, 2, 3]).unwrap();
+        assert_eq!((fds.kick, fds.call, fds.err), (1, Some(2), Some(3)));
+        let fds = cfg.split_fds(vec![1, 2]).unwrap();
+        assert_eq!((fds.kick, fds.call, fds.err), (1, None, Some(2)));
+        assert!(cfg.split_fds(vec![1]).is_none());
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        assert!(matches!(
+            start_with(false, true).check_fds(&[eventfd(), pipe]),
+            Err(FdError::NotEventfd { which: "error", .. })
+        ));
     }
 
     #[test]

@@ -24,7 +24,7 @@ mod messages;
 pub use channel::{
     decode_message, encode_message, fuzz_ipc_decode, Channel, IpcError, MAX_FDS, MAX_MESSAGE_SIZE,
 };
-pub use fds::{check_anon_inode, check_eventfd, FdError};
+pub use fds::{check_anon_inode, check_eventfd, FdError, RingFds};
 pub use memory_table::MemoryTableError;
 pub use messages::{
     MemoryRegion, Reply, Request, RingConfig, RingKind, PROTOCOL_VERSION, WORKER_CONTROL_FD,

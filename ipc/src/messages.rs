@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; bumped on any incompatible change of the types
 /// below. Checked by both sides in the hello exchange.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The fd number at which a worker finds its control socket after `exec`.
 pub const WORKER_CONTROL_FD: i32 = 3;
@@ -45,8 +45,9 @@ pub struct MemoryRegion {
     pub mmap_offset: u64,
 }
 
-/// Everything a worker needs to run one virtqueue. The kick eventfd (and the
-/// call eventfd when `has_call`) are sent beside the message, kick first.
+/// Everything a worker needs to run one virtqueue. Its eventfds are sent
+/// beside the message in this order: kick, then call when `has_call`, then
+/// error when `has_err` ([`RingConfig::fd_names`]).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingConfig {
     /// RX or TX.
@@ -63,6 +64,9 @@ pub struct RingConfig {
     pub next_avail: u16,
     /// Whether a call eventfd follows the kick eventfd.
     pub has_call: bool,
+    /// Whether an error eventfd (SET_VRING_ERR) comes last: the worker
+    /// writes it when it stops the ring because the guest made it unusable.
+    pub has_err: bool,
     /// Signal the call eventfd once right after start (so a guest never waits
     /// on an interrupt lost when a previous worker died).
     pub signal_on_start: bool,
@@ -105,7 +109,7 @@ pub enum Request {
         /// Record every frame's flow in the region's flow table.
         flow_tracking: bool,
     },
-    /// Start processing one ring. Kick (and call) eventfds follow.
+    /// Start processing one ring. Its kick (call, error) eventfds follow.
     StartRing(RingConfig),
     /// Stop processing one ring; the reply is [`Reply::RingStopped`].
     StopRing {

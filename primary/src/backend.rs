@@ -187,10 +187,12 @@ impl Backend {
         self.update_ring(i, |v| v.call = fd)
     }
 
-    /// SET_VRING_ERR: accepted (checked) but unused.
+    /// SET_VRING_ERR: the ring's error eventfd (or none), which its worker
+    /// writes when the guest makes the ring unusable. A running ring is
+    /// restarted where it stopped, so its worker holds the new one.
     pub fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> DevResult<()> {
-        self.device.check_vring_fd(index, "error", fd.as_ref())?;
-        Ok(())
+        let i = self.device.check_vring_fd(index, "error", fd.as_ref())?;
+        self.update_ring(i, |v| v.err = fd)
     }
 
     /// SET_VRING_ENABLE.

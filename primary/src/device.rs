@@ -74,6 +74,11 @@ pub struct Vring {
     pub kick: Option<File>,
     /// Call eventfd (SET_VRING_CALL).
     pub call: Option<File>,
+    /// Error eventfd (SET_VRING_ERR): the worker writes it when it stops
+    /// the ring because the guest made it unusable. Kept across
+    /// GET_VRING_BASE and worker re-spawns; replaced by the next
+    /// SET_VRING_ERR, forgotten on reset.
+    pub err: Option<File>,
     /// SET_VRING_ENABLE.
     pub enabled: bool,
 }
@@ -190,8 +195,9 @@ impl Device {
     }
 
     /// The StartRing request for ring `i` at `next_avail`, with its kick
-    /// (and call) eventfds; addresses translated to guest-physical through
-    /// the current memory table.
+    /// (call, error) eventfds in the order `RingConfig::fd_names` says;
+    /// addresses translated to guest-physical through the current memory
+    /// table.
     pub fn start_request(
         &self,
         i: usize,
@@ -219,10 +225,12 @@ impl Device {
             used_ring: gpa(addr.used, 2, "used ring")?,
             next_avail,
             has_call: v.call.is_some(),
+            has_err: v.err.is_some(),
             signal_on_start,
         };
         let mut fds = vec![kick.as_fd()];
         fds.extend(v.call.as_ref().map(|c| c.as_fd()));
+        fds.extend(v.err.as_ref().map(|e| e.as_fd()));
         Ok((Request::StartRing(config), fds))
     }
 

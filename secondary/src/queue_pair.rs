@@ -13,7 +13,9 @@
 //!
 //! A ring that faults is stopped here, never in the middle of a frame: its
 //! position (always at a frame boundary, see ring.rs) is kept for the next
-//! StopRing, and the guest is interrupted once so it sees what was completed.
+//! StopRing, the guest is interrupted once so it sees what was completed,
+//! and the fault is counted (`ring_faults`) and signalled once on the ring's
+//! error eventfd, when the VMM gave one (SET_VRING_ERR).
 
 use log::{error, info, warn};
 use qpnet_ipc::{RingConfig, RingKind};
@@ -314,15 +316,22 @@ impl QueuePair {
         }
     }
 
-    /// A ring became unusable: stop it, keep where it stopped for StopRing.
+    /// A ring became unusable: stop it, keep where it stopped for StopRing,
+    /// count it and tell the VMM on the ring's error eventfd. The ring is
+    /// gone after this, so each fault is counted and signalled once.
     fn stop_faulted(&mut self, kind: RingKind, fault: RingFault, events: &mut Events) {
-        self.common.counters.drop_bad_descriptor += 1;
         let Some(ring) = self.take_ring(kind, events) else {
             return;
         };
+        self.common.counters.ring_faults += 1;
         let at = ring.next_used();
+        let reported = if ring.signal_error() {
+            "reported on its error eventfd"
+        } else {
+            "no error eventfd to report it on"
+        };
         error!(
-            "qp{}: {kind:?} ring stopped at {at}: {fault}; the device needs a reset",
+            "qp{}: {kind:?} ring stopped at {at}: {fault}; {reported}; the device needs a reset",
             self.index
         );
         // Let the guest see whatever was completed before the fault.
@@ -424,6 +433,72 @@ mod tests {
         assert!(!f.poll().tx_kick);
         assert_eq!(f.qp.stop_ring(RingKind::Tx, &mut f.events), Some(0));
         assert_eq!(f.qp.stop_ring(RingKind::Tx, &mut f.events), None);
+    }
+
+    /// An eventfd standing in for the VMM's SET_VRING_ERR one: a copy goes
+    /// to the worker, the test keeps the other.
+    fn err_eventfd() -> (OwnedFd, OwnedFd) {
+        let fd = OwnedFd::from(
+            nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_NONBLOCK)
+                .unwrap(),
+        );
+        (fd.try_clone().unwrap(), fd)
+    }
+
+    /// What the eventfd's counter holds (0 when nothing was written).
+    fn take_count(fd: &OwnedFd) -> u64 {
+        let mut b = [0u8; 8];
+        match nix::unistd::read(fd, &mut b) {
+            Ok(8) => u64::from_ne_bytes(b),
+            _ => 0,
+        }
+    }
+
+    /// Start TX on `tr` with `err` as its error eventfd.
+    fn start_with_err(f: &mut Fixture, tr: &RingDriver, err: OwnedFd) {
+        let mut cfg = tr.config(RingKind::Tx);
+        cfg.has_err = true;
+        let mut fds = tr.fds();
+        fds.push(err);
+        let req = qpnet_ipc::Request::StartRing(cfg);
+        req.check_fds(&fds).expect("the fds a primary would send");
+        f.qp.start_ring(&cfg, fds, &mut f.events).unwrap();
+    }
+
+    #[test]
+    fn a_ring_fault_is_counted_and_signalled_on_the_error_eventfd_once() {
+        let m = TestMemory::new();
+        let mut f = Fixture::new(&m);
+        let mut tr = m.ring(8);
+        let (theirs, ours) = err_eventfd();
+        start_with_err(&mut f, &tr, theirs);
+        tr.add_chain(&[desc(BUF_BASE, 5, 0, 0)]);
+        f.qp.run_tx(&mut f.events);
+        assert_eq!(take_count(&ours), 0, "a refused chain is no ring fault");
+        assert_eq!(tr.used(), vec![(0, 0)]);
+        tr.set_avail_idx(100);
+        for _ in 0..3 {
+            tr.kick();
+            f.qp.on_tx_kick();
+            f.qp.run_tx(&mut f.events);
+        }
+        assert_eq!(take_count(&ours), 1, "one fault, one signal");
+        assert_eq!(f.qp.common.counters.ring_faults, 1);
+        assert_eq!(f.qp.stop_ring(RingKind::Tx, &mut f.events), Some(1));
+        // Started again on the same broken ring: a second fault, a second
+        // signal.
+        let again = ours.try_clone().unwrap();
+        start_with_err(&mut f, &tr, again.try_clone().unwrap());
+        f.qp.run_tx(&mut f.events);
+        assert_eq!(take_count(&ours), 1);
+        assert_eq!(f.qp.common.counters.ring_faults, 2);
+        // A counter the VMM never reads, full: the write fails, nothing
+        // blocks, the fault is still counted.
+        nix::unistd::write(&again, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+        start_with_err(&mut f, &tr, again);
+        f.qp.run_tx(&mut f.events);
+        assert_eq!(take_count(&ours), u64::MAX - 1, "nothing added");
+        assert_eq!(f.qp.common.counters.ring_faults, 3);
     }
 
     #[test]

@@ -40,14 +40,16 @@
 //!
 //! Anything that makes the ring itself unusable (an avail index that jumped
 //! past the ring size, a head index out of range, ring memory that cannot be
-//! written) is a [`RingFault`]: the worker stops that ring.
+//! written) is a [`RingFault`]: the worker stops that ring, counts it
+//! (`ring_faults`) and writes the ring's error eventfd once
+//! ([`Ring::signal_error`]), when the VMM gave one (SET_VRING_ERR).
 
 use std::num::Wrapping;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use qpnet_ipc::RingConfig;
+use qpnet_ipc::{RingConfig, RingFds};
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -59,9 +61,10 @@ use crate::guest_memory::GuestMemoryMap;
 /// Why a ring could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// No kick fd came with StartRing (the control request's fds are
-    /// checked before, so only a caller bug gets here).
-    #[error("StartRing came without its kick fd")]
+    /// Fewer fds than its configuration names came with StartRing (the
+    /// control request's fds are checked before, so only a caller bug gets
+    /// here).
+    #[error("StartRing came without the eventfds its configuration names")]
     NoKick,
     /// The kick fd could not be made nonblocking.
     #[error("cannot make the kick eventfd nonblocking")]
@@ -113,6 +116,8 @@ pub struct Ring {
     queue: Queue,
     kick: OwnedFd,
     call: Option<OwnedFd>,
+    /// The error eventfd (SET_VRING_ERR), written once when the ring faults.
+    err: Option<OwnedFd>,
     /// Next used entry to fill (ours; the queue's copy is synced on publish).
     next_used: Wrapping<u16>,
     /// Used index last stored in guest memory.
@@ -128,8 +133,8 @@ pub const PUBLISH_EVERY: u16 = 64;
 
 impl Ring {
     /// Build a ring from its configuration and fds (kick, then call when
-    /// `cfg.has_call`; checked with the request), checking the ring against
-    /// `mem`.
+    /// `cfg.has_call`, then error when `cfg.has_err`: `RingConfig::split_fds`;
+    /// checked with the request), checking the ring against `mem`.
     pub fn start(
         cfg: &RingConfig,
         event_idx: bool,
@@ -138,18 +143,15 @@ impl Ring {
     ) -> Result<Ring, StartError> {
         // Their number and kind were checked with the request
         // (`Request::check_fds`).
-        let mut fds = fds.into_iter();
-        let (Some(kick), call) = (fds.next(), fds.next().filter(|_| cfg.has_call)) else {
-            return Err(StartError::NoKick);
-        };
+        let RingFds { kick, call, err } = cfg.split_fds(fds).ok_or(StartError::NoKick)?;
         set_nonblocking(&kick).map_err(StartError::Nonblocking)?;
-        // A call eventfd the VMM never reads would block a write once its
-        // counter is full; nonblocking, that interrupt is dropped instead.
-        // (The VMM shares the open file and could clear O_NONBLOCK again;
-        // then only this queue pair can hang, and the primary's watchdog
-        // replaces its worker.)
-        if let Some(call) = &call {
-            set_nonblocking(call).map_err(StartError::Nonblocking)?;
+        // A call or error eventfd the VMM never reads would block a write
+        // once its counter is full; nonblocking, that write is dropped
+        // instead. (The VMM shares the open file and could clear O_NONBLOCK
+        // again; then only this queue pair can hang, and the primary's
+        // watchdog replaces its worker.)
+        for fd in call.iter().chain(err.iter()) {
+            set_nonblocking(fd).map_err(StartError::Nonblocking)?;
         }
         let queue = build_queue(cfg, event_idx)?;
         if !queue.is_valid(mem.vm()) {
@@ -165,6 +167,7 @@ impl Ring {
             queue,
             kick,
             call,
+            err,
             next_used: start,
             published_used: start,
             signalled_used: start,
@@ -378,6 +381,23 @@ impl Ring {
         };
         // EAGAIN means the counter is saturated: an interrupt is pending.
         nix::unistd::write(call, &1u64.to_ne_bytes()).is_ok()
+    }
+
+    /// Tell the VMM the guest made this ring unusable: write 1 to the error
+    /// eventfd, if there is one. Never blocks; a saturated counter (EAGAIN:
+    /// the VMM has not read the earlier ones) or any other failure is only
+    /// logged. Returns whether it was written.
+    pub fn signal_error(&self) -> bool {
+        let Some(err) = &self.err else {
+            return false;
+        };
+        match nix::unistd::write(err, &1u64.to_ne_bytes()) {
+            Ok(_) => true,
+            Err(e) => {
+                log::warn!("ring error eventfd not written: {e}");
+                false
+            }
+        }
     }
 
     /// Clear the kick eventfd. Returns whether it had been kicked.

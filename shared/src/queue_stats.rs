@@ -107,6 +107,7 @@ queue_stats! {
         rx_kicks: "Kicks received on the RX ring.",
         interrupts: "Interrupts sent to the guest.",
         batches: "Wake-ups that moved at least one frame.",
+        ring_faults: "Rings stopped because the guest made them unusable (also signalled on the ring's SET_VRING_ERR eventfd).",
     }
     supervision {
         /// Worker heartbeat: CLOCK_MONOTONIC nanoseconds of its last loop turn.
@@ -152,13 +153,13 @@ impl QueueStats {
     }
 }
 
-// The layout every process of an instance agrees on (LAYOUT_VERSION 3).
+// The layout every process of an instance agrees on (LAYOUT_VERSION 4).
 const _: () = assert!(std::mem::size_of::<QueueStats>() == 256);
 const _: () = assert!(std::mem::size_of::<QueueStats>().is_multiple_of(64));
 const _: () = assert!(std::mem::align_of::<QueueStats>() == 64);
-const _: () = assert!(std::mem::offset_of!(QueueStats, heartbeat_ns) == 18 * 8);
-const _: () = assert!(std::mem::offset_of!(QueueStats, flows_created) == 21 * 8);
-const _: () = assert!(QUEUE_COUNTERS.len() == 23);
+const _: () = assert!(std::mem::offset_of!(QueueStats, heartbeat_ns) == 19 * 8);
+const _: () = assert!(std::mem::offset_of!(QueueStats, flows_created) == 22 * 8);
+const _: () = assert!(QUEUE_COUNTERS.len() == 24);
 
 #[cfg(test)]
 mod tests {
@@ -171,7 +172,7 @@ mod tests {
             (c.field)(&q).store(i as u64 + 1, Ordering::Relaxed);
         }
         assert_eq!(QueueStats::get(&q.tx_frames), 1);
-        assert_eq!(QueueStats::get(&q.flow_affinity_misses), 23);
+        assert_eq!(QueueStats::get(&q.flow_affinity_misses), 24);
         assert_eq!(
             QUEUE_COUNTERS[CounterId::flows_expired as usize].name,
             "flows_expired"

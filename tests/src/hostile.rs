@@ -1,9 +1,10 @@
 //! Shared pieces of the hostile-input tests (`tests/bad_input_*.rs`): raw
 //! vhost-user sessions, real memfd guest memory to describe in memory
 //! tables, the "refused" verdict on a reply, starting a ring step by step
-//! until one step is refused, and the check that qpnet came through
-//! unharmed (no worker died or restarted, a fresh VMM still passes frames
-//! both ways, and it stops cleanly).
+//! (until one step is refused, or all accepted), waiting for a ring's
+//! error eventfd, and the check that qpnet came through unharmed (no worker
+//! died or restarted, a fresh VMM still passes frames both ways, and it
+//! stops cleanly).
 //!
 //! Each refusal must be explicit: a nonzero REPLY_ACK, or the connection
 //! closed for a malformed message; silence or a success ack fails the test.
@@ -152,6 +153,84 @@ pub fn ring_start_refused(
         }
     }
     bail!("ring {vring} (num {num}, addresses {addrs:#x?}) was started without any refusal")
+}
+
+/// Start ring `vring` (NUM [`RING`], BASE 0, ADDR `addrs`, KICK, CALL, ERR
+/// with `err` if given, ENABLE); every step must be accepted. Returns the
+/// kick and call eventfds.
+pub fn ring_start(
+    raw: &RawVhostUser,
+    vring: u32,
+    addrs: (u64, u64, u64),
+    err: Option<&EventFd>,
+) -> Result<(EventFd, EventFd)> {
+    let kick = EventFd::new(0)?;
+    let call = EventFd::new(0)?;
+    let fd_body = u64_body(u64::from(vring & 0xff));
+    let step = |name: &str, code: u32, body: &[u8], fds: &[RawFd]| {
+        raw.request_ok(code, body, fds)
+            .with_context(|| format!("{name} on vring {vring}"))
+    };
+    step(
+        "SET_VRING_NUM",
+        req::SET_VRING_NUM,
+        &vring_state(vring, RING),
+        &[],
+    )?;
+    step(
+        "SET_VRING_BASE",
+        req::SET_VRING_BASE,
+        &vring_state(vring, 0),
+        &[],
+    )?;
+    let addr = vring_addr(vring, addrs.0, addrs.1, addrs.2);
+    step("SET_VRING_ADDR", req::SET_VRING_ADDR, &addr, &[])?;
+    step(
+        "SET_VRING_KICK",
+        req::SET_VRING_KICK,
+        &fd_body,
+        &[kick.as_raw_fd()],
+    )?;
+    step(
+        "SET_VRING_CALL",
+        req::SET_VRING_CALL,
+        &fd_body,
+        &[call.as_raw_fd()],
+    )?;
+    if let Some(err) = err {
+        step(
+            "SET_VRING_ERR",
+            req::SET_VRING_ERR,
+            &fd_body,
+            &[err.as_raw_fd()],
+        )?;
+    }
+    step(
+        "SET_VRING_ENABLE",
+        req::SET_VRING_ENABLE,
+        &vring_state(vring, 1),
+        &[],
+    )?;
+    Ok((kick, call))
+}
+
+/// A nonblocking eventfd, as a VMM would give for SET_VRING_ERR.
+pub fn error_eventfd() -> Result<EventFd> {
+    Ok(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?)
+}
+
+/// Wait up to `timeout` for the error eventfd `err` (nonblocking) to be
+/// written; its counter, which reading resets.
+pub fn wait_ring_error(what: &str, err: &EventFd, timeout: Duration) -> Result<u64> {
+    crate::wait::poll_until(what, timeout, Duration::from_millis(5), || {
+        Ok(err.read().ok())
+    })
+}
+
+/// Whether the error eventfd `err` (nonblocking) was written since the
+/// last read (reading resets it).
+pub fn ring_error_pending(err: &EventFd) -> bool {
+    err.read().is_ok()
 }
 
 /// A testbed and its workers' pids, taken before any hostile input.

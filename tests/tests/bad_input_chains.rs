@@ -4,21 +4,27 @@
 //! avail index far past the ring, hostile RX buffers. Each must cost only
 //! itself: it comes back used with length 0 and is counted, a good frame
 //! sent right after it still arrives, and qpnet comes through unharmed
-//! (see `qpnet_tests::hostile`).
+//! (see `qpnet_tests::hostile`). A ring the guest made unusable is stopped,
+//! counted (`ring_faults`) and reported once on the ring's error eventfd
+//! (SET_VRING_ERR), and the other queue pair goes on forwarding.
 //!
 //! Needs root and `$QPNET_BIN`.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use qpnet_secondary::test_util::{desc as d, Desc, F_INDIRECT, F_NEXT, F_WRITE};
-use qpnet_shared::QueueStats;
+use qpnet_shared::{QueueStats, WorkerState};
 use qpnet_tests::frames::{build, mixed_len, FrameId, FrameKind, FrameSpec};
-use qpnet_tests::hostile::{check_unharmed, testbed, TIMEOUT};
+use qpnet_tests::hostile::{
+    check_unharmed, error_eventfd, ring_error_pending, testbed, wait_ring_error, TIMEOUT,
+};
 use qpnet_tests::net_driver::NET_HDR_LEN;
 use qpnet_tests::traffic::{rx_traffic_lossy, tx_frame, TapCollector};
 use qpnet_tests::vmm::VmmConfig;
 use qpnet_tests::wait::wait_for;
+use vhost::VhostBackend;
 
 /// A hostile TX chain: what it is, whether it is a runt (else a bad
 /// descriptor), and its descriptors (the first is the head).
@@ -224,6 +230,125 @@ fn avail_index_jumping_past_the_ring_harms_nothing_else() -> Result<()> {
     );
     drop(vmm);
     check_unharmed(bed, &workers)
+}
+
+/// A TX ring the guest made unusable (avail index more than a ring ahead)
+/// is stopped, counted once in `ring_faults` and reported once on the error
+/// eventfd the VMM gave with SET_VRING_ERR; the other rings' error eventfds
+/// stay silent, the other queue pair forwards both ways, and no worker is
+/// replaced.
+#[test]
+fn a_ring_made_unusable_is_reported_on_its_error_eventfd() -> Result<()> {
+    let (mut bed, workers) = testbed(2)?;
+    let mut vmm = bed.vmm(VmmConfig {
+        queue_pairs: 2,
+        ..VmmConfig::default()
+    })?;
+    let errs = [
+        error_eventfd()?,
+        error_eventfd()?,
+        error_eventfd()?,
+        error_eventfd()?,
+    ];
+    let result = (|| -> Result<()> {
+        for (vring, err) in errs.iter().enumerate() {
+            vmm.frontend()
+                .set_vring_err(vring, err)
+                .with_context(|| format!("SET_VRING_ERR {vring}"))?;
+        }
+        // The rings restarted with their error eventfds still forward.
+        bed.frames_through(&mut vmm, &[0, 1], 0..20)?;
+        ensure!(
+            !errs.iter().any(ring_error_pending),
+            "an error eventfd was written before any fault"
+        );
+        let size = vmm.config().queue_size;
+        let tx0 = &mut vmm.tx[0];
+        let used_before = tx0.queue.used_idx();
+        tx0.queue.set_avail_idx(used_before.wrapping_add(size + 10));
+        tx0.queue.kick();
+        let n = wait_ring_error("ring 1's error eventfd", &errs[1], TIMEOUT)?;
+        ensure!(n == 1, "ring 1's error eventfd counted {n}, one fault");
+        // Kicked again: the ring is stopped, so nothing more is reported.
+        for _ in 0..5 {
+            vmm.tx[0].queue.kick();
+        }
+        bed.frames_through(&mut vmm, &[1], 20..120)?;
+        bed.rx_round(&mut vmm, 200, 8, mixed_len)?;
+        let used = vmm.tx[0].queue.used_idx();
+        ensure!(
+            used == used_before,
+            "the device used chains of a ring whose avail index is impossible ({used_before} -> {used})"
+        );
+        for (vring, err) in errs.iter().enumerate() {
+            ensure!(
+                !ring_error_pending(err),
+                "ring {vring}'s error eventfd written (again)"
+            );
+        }
+        let stats = bed.qpnet.stats()?;
+        let faults: Vec<u64> = (0..2)
+            .map(|qp| stats.queue(qp).map(|q| QueueStats::get(&q.ring_faults)))
+            .collect::<Option<_>>()
+            .context("queue stats")?;
+        ensure!(faults == [1, 0], "ring_faults per queue pair: {faults:?}");
+        Ok(())
+    })();
+    bed.explain(result)?;
+    drop(vmm);
+    check_unharmed(bed, &workers)
+}
+
+/// The error eventfd outlives the worker it was given to: after queue pair
+/// 0's worker is killed, its replacement gets the fd again with the resumed
+/// ring, forwards, and reports the guest's fault on it, once.
+#[test]
+fn a_replacement_worker_reports_on_the_error_eventfd_it_got_again() -> Result<()> {
+    let (mut bed, _workers) = testbed(2)?;
+    let mut vmm = bed.vmm(VmmConfig {
+        queue_pairs: 2,
+        ..VmmConfig::default()
+    })?;
+    let err = error_eventfd()?;
+    let result = (|| -> Result<()> {
+        vmm.frontend()
+            .set_vring_err(1, &err)
+            .context("SET_VRING_ERR 1")?;
+        let stats = bed.qpnet.stats()?;
+        let q0 = stats.queue(0).context("queue stats")?;
+        let old = q0.pid.load(Ordering::Relaxed);
+        ensure!(old != 0, "queue pair 0 has no worker pid");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(old)?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
+        wait_for("queue pair 0's replacement worker", TIMEOUT, || {
+            let now = q0.pid.load(Ordering::Relaxed);
+            now != 0 && now != old && q0.worker_state() == Some(WorkerState::Running)
+        })?;
+        bed.frames_through(&mut vmm, &[0, 1], 0..20)?;
+        ensure!(
+            !ring_error_pending(&err),
+            "the error eventfd was written before any fault"
+        );
+        let size = vmm.config().queue_size;
+        let tx0 = &mut vmm.tx[0];
+        tx0.queue
+            .set_avail_idx(tx0.queue.used_idx().wrapping_add(size + 10));
+        tx0.queue.kick();
+        let n = wait_ring_error("ring 1's error eventfd", &err, TIMEOUT)?;
+        ensure!(n == 1, "ring 1's error eventfd counted {n}, one fault");
+        let (faults, restarts) = (
+            QueueStats::get(&q0.ring_faults),
+            QueueStats::get(&q0.restarts),
+        );
+        ensure!(
+            (faults, restarts) == (1, 1),
+            "queue pair 0: ring_faults {faults}, restarts {restarts}"
+        );
+        Ok(())
+    })();
+    bed.explain(result)?;
+    drop(vmm);
+    bed.finish()
 }
 
 /// Hostile RX buffers placed first in the ring: read-only, outside guest

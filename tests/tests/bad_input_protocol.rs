@@ -1,7 +1,8 @@
 //! Hostile vhost-user messages: unknown and malformed requests, a VMM
 //! that stalls mid-message or never reads its replies, vring indices out of
 //! range, impossible queue sizes, kick and call fds that are not eventfds,
-//! a thousand requests carrying fds they should not.
+//! SET_VRING_ERR with a bad index, a bad fd or the wrong fd count, a
+//! thousand requests carrying fds they should not.
 //! qpnet refuses each one clearly (a nonzero REPLY_ACK, or the connection
 //! closed) and keeps serving: after each group of cases the same qpnet must
 //! serve a fresh VMM connection both ways, with its workers never restarted,
@@ -16,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use qpnet_tests::hostile::{
-    check_unharmed, ensure_refused, entries, fds, guest_memory, mem_session, ring_start_refused,
-    session, testbed, valid_ring, QUEUE_PAIRS, RING,
+    check_unharmed, ensure_refused, entries, error_eventfd, fds, guest_memory, mem_session,
+    ring_error_pending, ring_start, ring_start_refused, session, testbed, valid_ring,
+    wait_ring_error, QUEUE_PAIRS, RING, TIMEOUT,
 };
 use qpnet_tests::raw_vhost::{
     mem_table, req, u64_body, vring_addr, vring_state, RawVhostUser, Reply, FLAG_NEED_REPLY,
@@ -342,6 +344,60 @@ fn kick_and_call_fds_that_are_not_eventfds_are_refused() -> Result<()> {
         &[e1.as_raw_fd(), e2.as_raw_fd()],
     );
     bed.explain(r.and_then(|reply| ensure_refused("SET_VRING_KICK with two fds", reply)))?;
+    check_unharmed(bed, &workers)
+}
+
+/// SET_VRING_ERR with the wrong fd count (an fd announced but missing, the
+/// "no fd" flag with one attached, two fds), with a vring index out of
+/// range, or with an fd that is not an eventfd, is refused. The refused
+/// ones that keep the connection change nothing: ring 1 still reports its
+/// fault on the error eventfd it had before them, and on none of theirs.
+#[test]
+fn bad_vring_err_requests_are_refused_and_change_nothing() -> Result<()> {
+    let (mut bed, workers) = testbed(QUEUE_PAIRS)?;
+    let mem = guest_memory()?;
+    let result = (|| -> Result<()> {
+        const NOFD: u64 = 0x100;
+        let (e1, e2) = (EventFd::new(0)?, EventFd::new(0)?);
+        let two = [e1.as_raw_fd(), e2.as_raw_fd()];
+        for (what, body, fds) in [
+            ("an fd announced but missing", 1, &two[..0]),
+            ("the no-fd flag with an fd", 1 | NOFD, &two[..1]),
+            ("two fds", 1, &two[..]),
+        ] {
+            let raw = mem_session(&bed, &mem)?;
+            let reply = raw.request(req::SET_VRING_ERR, &u64_body(body), fds)?;
+            ensure_refused(&format!("SET_VRING_ERR with {what}"), reply)?;
+        }
+        let raw = mem_session(&bed, &mem)?;
+        let err = error_eventfd()?;
+        let (kick, _call) = ring_start(&raw, 1, valid_ring(&mem), Some(&err))?;
+        let first_bad = 2 * u64::from(QUEUE_PAIRS);
+        let mut refused_efds = Vec::new();
+        for index in [first_bad, first_bad + 1, 255] {
+            let efd = error_eventfd()?;
+            let reply = raw.request(req::SET_VRING_ERR, &u64_body(index), &[efd.as_raw_fd()])?;
+            ensure_refused(&format!("SET_VRING_ERR on vring {index}"), reply)?;
+            refused_efds.push(efd);
+        }
+        for (what, fd) in not_eventfds()? {
+            let reply = raw.request(req::SET_VRING_ERR, &u64_body(1), &[fd.as_raw_fd()])?;
+            ensure_refused(&format!("SET_VRING_ERR with {what}"), reply)?;
+        }
+        // The guest makes ring 1 unusable: its avail index (at the ring's
+        // avail address + 2) more than a ring ahead.
+        let avail_gpa = mem.regions()[0].gpa() + 4096;
+        mem.write(avail_gpa + 2, &(RING as u16 + 10).to_le_bytes());
+        kick.write(1)?;
+        let n = wait_ring_error("ring 1's error eventfd", &err, TIMEOUT)?;
+        ensure!(n == 1, "ring 1's error eventfd counted {n}, one fault");
+        ensure!(
+            !refused_efds.iter().any(ring_error_pending),
+            "an eventfd of a refused SET_VRING_ERR was written"
+        );
+        Ok(())
+    })();
+    bed.explain(result)?;
     check_unharmed(bed, &workers)
 }
 

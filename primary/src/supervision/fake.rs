@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,6 +51,8 @@ pub(super) struct Plan {
 pub(super) struct Got {
     pid: u32,
     req: Request,
+    /// The primary's fd numbers that came with it (which of its files).
+    fds: Vec<RawFd>,
 }
 
 /// Everything the fake workers share with the test.
@@ -150,6 +152,7 @@ impl WorkerLink for FakeWorker {
         w.log.push(Got {
             pid: self.pid,
             req: req.clone(),
+            fds: fds.iter().map(|fd| fd.as_raw_fd()).collect(),
         });
         match w.fault(self.qp, req.name()) {
             Some(Fault::Die) => {
@@ -358,6 +361,20 @@ impl Bed {
             .into_iter()
             .filter_map(|r| match r {
                 Request::StartRing(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The StartRing configs worker `pid` got, each with the primary's fd
+    /// numbers that came with it (kick, call, error).
+    pub(super) fn starts_with_fds(&self, pid: u32) -> Vec<(RingConfig, Vec<RawFd>)> {
+        let w = lock(&self.world);
+        w.log
+            .iter()
+            .filter(|g| g.pid == pid)
+            .filter_map(|g| match &g.req {
+                Request::StartRing(c) => Some((*c, g.fds.clone())),
                 _ => None,
             })
             .collect()

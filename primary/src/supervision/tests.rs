@@ -121,6 +121,58 @@ fn a_worker_dying_during_the_hand_over_leaves_no_ring_behind() {
 }
 
 #[test]
+fn the_error_eventfd_reaches_the_worker_survives_respawns_and_is_replaced() {
+    use std::os::fd::AsRawFd;
+    let mut bed = Bed::running(1);
+    let err = eventfd();
+    let err_fd = err.as_raw_fd();
+    bed.backend.set_vring_err(1, Some(err)).unwrap();
+    // The running ring was restarted where it stopped, with the error fd last.
+    let first = bed.current(0);
+    let (cfg, fds) = bed.starts_with_fds(first).pop().unwrap();
+    assert_eq!(
+        (cfg.kind, cfg.has_err, cfg.has_call),
+        (RingKind::Tx, true, true)
+    );
+    assert_eq!((fds.len(), fds[2]), (3, err_fd));
+    // RX has none.
+    assert!(!bed.starts(first)[0].has_err);
+    // A new worker gets it again.
+    bed.write_index(1, true, 9);
+    bed.kill_from_outside(0);
+    let second = bed.current(0);
+    assert_ne!(first, second);
+    let tx: Vec<_> = bed
+        .starts_with_fds(second)
+        .into_iter()
+        .filter(|(c, _)| c.kind == RingKind::Tx)
+        .collect();
+    assert_eq!(tx.len(), 1);
+    assert!(tx[0].0.has_err && tx[0].0.signal_on_start);
+    assert_eq!(tx[0].1.last(), Some(&err_fd));
+    // GET_VRING_BASE and a new kick keep it.
+    bed.backend.get_vring_base(1).unwrap();
+    bed.backend.set_vring_kick(1, Some(eventfd())).unwrap();
+    let (cfg, fds) = bed.starts_with_fds(second).pop().unwrap();
+    assert!(cfg.has_err);
+    assert_eq!(fds.last(), Some(&err_fd));
+    // A later SET_VRING_ERR replaces it; "no fd" takes it away.
+    let newer = eventfd();
+    let newer_fd = newer.as_raw_fd();
+    bed.backend.set_vring_err(1, Some(newer)).unwrap();
+    let (_, fds) = bed.starts_with_fds(second).pop().unwrap();
+    assert_eq!(fds.last(), Some(&newer_fd));
+    bed.backend.set_vring_err(1, None).unwrap();
+    let (cfg, fds) = bed.starts_with_fds(second).pop().unwrap();
+    assert!(!cfg.has_err);
+    assert_eq!(fds.len(), 2);
+    // A refused SET_VRING_ERR (index out of range) changes nothing.
+    let before = bed.got(second).len();
+    assert!(bed.backend.set_vring_err(2, Some(eventfd())).is_err());
+    assert_eq!(bed.got(second).len(), before);
+}
+
+#[test]
 fn a_ring_stopped_as_its_worker_dies_takes_the_used_index_and_is_not_owed() {
     let mut bed = Bed::running(1);
     bed.plan(0, "stop-ring", 0, Fault::Die);

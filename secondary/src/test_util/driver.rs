@@ -449,6 +449,7 @@ impl RingDriver {
             used_ring: self.layout.used,
             next_avail: 0,
             has_call: true,
+            has_err: false,
             signal_on_start: false,
         }
     }
