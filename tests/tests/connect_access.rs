@@ -2,10 +2,12 @@
 //! `--socket-group` shares it with a group (0660); every VMM connection's
 //! peer credentials are logged; with `--allow-uid` a connection from
 //! another uid is closed before a request is read, logged, and the next
-//! VMM is served as usual.
+//! VMM is served as usual. A second VMM, or a flood of connections, while
+//! one is served, waits in the kernel's listen queue and touches nothing.
 //!
 //! Needs root and `$QPNET_BIN`.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Group, User};
 use qpnet_tests::qpnet::Options;
+use qpnet_tests::raw_vhost::{req, RawVhostUser, Reply, FLAG_VERSION};
 use qpnet_tests::testbed::Testbed;
 use qpnet_tests::traffic::{tx_round, Strays};
 use qpnet_tests::vmm::VmmConfig;
@@ -133,6 +136,100 @@ fn a_peer_outside_allow_uid_is_refused_and_the_next_vmm_is_served() -> Result<()
         // The next VMM (root, allowed) is served as usual.
         let mut vmm = bed.vmm(VmmConfig::default())?;
         tx_round(&mut vmm, &bed.tap, &[0], 0..10, Strays::Refused, TIMEOUT)?;
+        Ok(())
+    })();
+    bed.explain(r)?;
+    bed.finish()
+}
+
+/// A connection attempt that does not wait: connected (queued in the
+/// listener's backlog) or refused by the kernel when the backlog is full.
+fn connect_nowait(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
+
+/// A second VMM connecting while one is served waits: its request is not
+/// read, and the first one keeps forwarding, until the first leaves; then
+/// the second is answered. A flood of 2,000 more connections costs the
+/// primary not one fd: they wait in the kernel's listen queue, or the
+/// kernel refuses them once it is full.
+#[test]
+fn a_second_vmm_waits_and_a_flood_of_connections_costs_the_primary_no_fd() -> Result<()> {
+    let mut bed = Testbed::new(2)?;
+    let r = (|| -> Result<()> {
+        let socket = bed.qpnet.socket().to_path_buf();
+        let both = VmmConfig {
+            queue_pairs: 2,
+            ..VmmConfig::default()
+        };
+        let mut first = bed.vmm(both.clone())?;
+        tx_round(
+            &mut first,
+            &bed.tap,
+            &[0, 1],
+            0..20,
+            Strays::Refused,
+            TIMEOUT,
+        )?;
+        let before = bed.qpnet.primary().fd_count()?;
+        let mut second = RawVhostUser::connect(&socket, TIMEOUT)?;
+        second.send(req::GET_FEATURES, FLAG_VERSION, &[], &[])?;
+        let (mut flood, mut refused) = (Vec::new(), 0);
+        for _ in 0..2_000 {
+            match connect_nowait(&socket) {
+                Ok(fd) => flood.push(fd),
+                Err(_) => refused += 1,
+            }
+        }
+        eprintln!(
+            "flood: {} queued, {refused} refused by the kernel",
+            flood.len()
+        );
+        tx_round(
+            &mut first,
+            &bed.tap,
+            &[0, 1],
+            20..60,
+            Strays::Refused,
+            TIMEOUT,
+        )?;
+        let during = bed.qpnet.primary().fd_count()?;
+        ensure!(
+            during == before,
+            "the primary's fds went from {before} to {during} during the flood"
+        );
+        second.set_reply_timeout(Duration::from_millis(300));
+        let early = second.recv_reply(req::GET_FEATURES)?;
+        ensure!(
+            early == Reply::Silent,
+            "the second VMM was answered while the first is served: {early:?}"
+        );
+        drop(flood);
+        drop(first);
+        second.set_reply_timeout(TIMEOUT);
+        match second.recv_reply(req::GET_FEATURES)? {
+            Reply::Value(f) if f != 0 => {}
+            other => bail!("the second VMM, once the first left, got {other:?}"),
+        }
+        drop(second);
+        // The flood's dead connections drained, the next VMM is served.
+        let mut next = bed.vmm(both)?;
+        tx_round(
+            &mut next,
+            &bed.tap,
+            &[0, 1],
+            60..80,
+            Strays::Ignored,
+            TIMEOUT,
+        )?;
         Ok(())
     })();
     bed.explain(r)?;
