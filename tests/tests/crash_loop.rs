@@ -43,6 +43,20 @@ fn a_crash_loop_at_start_fails_its_queue_pair_and_the_others_keep_forwarding() -
         first == k,
         "queue pair 1 failed after {first} restarts, {k} expected"
     );
+    // Each failed start says how the worker ended (it aborted).
+    let log = bed.qpnet.stderr();
+    let starts = log
+        .lines()
+        .filter(|l| l.contains("queue pair 1: worker") && l.contains("could not start"))
+        .count();
+    let told = log
+        .lines()
+        .filter(|l| l.contains("could not start") && l.contains("the worker was killed by SIGABRT"))
+        .count();
+    ensure!(
+        starts > 0 && told == starts,
+        "{told} of {starts} failed starts say the worker was killed by SIGABRT:\n{log}"
+    );
     let doc = bed.qpnet.stats_json(&[])?;
     for q in [0, 2, 3] {
         let s = doc.queue(q)?;

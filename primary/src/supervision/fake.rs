@@ -182,9 +182,12 @@ impl WorkerLink for FakeWorker {
     }
 
     fn kill(&mut self) {
+        // Once, as a real worker is killed and reaped once.
         let mut w = lock(&self.world);
         w.dead.insert(self.pid);
-        w.killed.push(self.pid);
+        if !w.killed.contains(&self.pid) {
+            w.killed.push(self.pid);
+        }
     }
 
     fn shutdown(&mut self) {

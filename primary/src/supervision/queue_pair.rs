@@ -160,7 +160,7 @@ impl QueuePair {
             return Err(CallError::NoWorker(self.index));
         };
         link.request(req, fds).map_err(|e| {
-            let why = describe(&e);
+            let why = self.with_end(describe(&e));
             self.mark_dead(why.clone());
             CallError::Died(why)
         })
@@ -290,6 +290,21 @@ impl QueuePair {
             if *r == RingState::Running {
                 *r = RingState::Owed(Owed::Resume);
             }
+        }
+    }
+
+    /// `why`, and how the worker ended when that is news: one that died
+    /// while the primary waited for its answer (its control socket closed)
+    /// of something other than the SIGKILL this sends, e.g. an abort, or
+    /// SIGSYS from its seccomp filter.
+    fn with_end(&mut self, why: String) -> String {
+        let Worker::Up(link) = &mut self.worker else {
+            return why;
+        };
+        link.kill();
+        match link.try_reap() {
+            Some(how) if how != "killed by SIGKILL" => format!("{why}; the worker was {how}"),
+            _ => why,
         }
     }
 
