@@ -106,6 +106,7 @@ fn call(what: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
 /// Give up every privilege and all reach (see the module documentation);
 /// with `run_as`, become that user first.
 pub fn enter(run_as: Option<RunAs>) -> Result<Sandboxed, SandboxError> {
+    let began = std::time::Instant::now();
     let primary = getppid();
     let root = Uid::effective().is_root();
     match caps::drop_bounding_set() {
@@ -137,7 +138,11 @@ pub fn enter(run_as: Option<RunAs>) -> Result<Sandboxed, SandboxError> {
     }
     let uid = Uid::current().as_raw();
     seccomp::install()?;
-    Ok(Sandboxed { files, uid })
+    Ok(Sandboxed {
+        files,
+        uid,
+        took: began.elapsed(),
+    })
 }
 
 /// How a worker's files were closed.
@@ -156,6 +161,8 @@ pub struct Sandboxed {
     pub files: Files,
     /// The user it runs as.
     pub uid: u32,
+    /// How long it took.
+    pub took: std::time::Duration,
 }
 
 impl fmt::Display for Sandboxed {
@@ -167,8 +174,9 @@ impl fmt::Display for Sandboxed {
         write!(
             f,
             "sandboxed: uid {}, no capabilities, own user, network, IPC and UTS namespaces, \
-             {files}, seccomp allow-list",
-            self.uid
+             {files}, seccomp allow-list ({:.2} ms)",
+            self.uid,
+            self.took.as_secs_f64() * 1e3
         )
     }
 }
