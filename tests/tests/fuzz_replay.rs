@@ -42,3 +42,8 @@ fn tx_header_corpus_replays() {
 fn flow_key_corpus_replays() {
     replay("flow_key", qpnet_shared::fuzz_flow_key);
 }
+
+#[test]
+fn chain_corpus_replays() {
+    replay("chain", qpnet_secondary::fuzz::fuzz_chain);
+}
