@@ -1,14 +1,18 @@
 //! The primary and the `qpnet` command line: one executable for the primary
 //! (`run`), its workers (`worker`, started by the primary with fork+exec of
 //! this same file), the `stats` reader and `retry`. The binary (`main.rs`)
-//! only calls [`main`]; being a library lets fuzz targets and their replay
-//! test reach the vhost-user request handling.
+//! only calls [`main`]; being a library lets the fuzz targets and their
+//! replay test reach the vhost-user request handling (`fuzz`, with the
+//! `fuzzing` feature).
 
 mod access;
 mod backend;
 mod cli;
 mod device;
 mod features;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 mod logging;
 mod memory_table;
 mod reply_guard;
