@@ -24,7 +24,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::access::Access;
 use crate::reply_guard::ReplyGuard;
-use crate::vhost_user::VhostUserDevice;
+use crate::vhost_user::{wait_for_header, Header, VhostUserDevice};
 
 /// Longest a VMM may take to finish sending one message, or to take our
 /// reply, before its connection is closed.
@@ -80,10 +80,106 @@ pub fn block_signals() -> Result<SignalFd> {
         .context("creating a signalfd")
 }
 
-fn lock(dev: &Arc<Mutex<VhostUserDevice>>) -> std::sync::MutexGuard<'_, VhostUserDevice> {
+fn lock(dev: &Mutex<VhostUserDevice>) -> std::sync::MutexGuard<'_, VhostUserDevice> {
     // A panic while holding the lock would be a qpnet bug; keep serving
     // with whatever state is there rather than cascading the panic.
     dev.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What became of one request on a VMM connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Answered (or refused and answered): the connection goes on.
+    Next,
+    /// Close the connection: the VMM left, or sent what cannot be answered.
+    Close,
+}
+
+/// Serve the request waiting on a VMM connection: wait at most
+/// `header_timeout` for its whole header (`fd` is a second fd of the
+/// handler's socket, to peek on), apply an early SET_VRING_ENABLE, let the
+/// vhost crate read, check and dispatch it to the device, then let
+/// supervision act on what the request met. Every outcome is logged.
+pub fn serve_request(
+    handler: &mut BackendReqHandler<Mutex<VhostUserDevice>>,
+    dev: &Mutex<VhostUserDevice>,
+    fd: BorrowedFd<'_>,
+    header_timeout: Duration,
+) -> Served {
+    match wait_for_header(fd, header_timeout) {
+        Header::Ready => {}
+        Header::Empty => return Served::Next,
+        Header::Closed => {
+            log::info!("VMM disconnected");
+            return Served::Close;
+        }
+        Header::Stalled(n) => {
+            log::warn!(
+                "closing the VMM connection: {n} bytes of a message header, then nothing for {header_timeout:?}"
+            );
+            return Served::Close;
+        }
+    }
+    lock(dev).apply_early_vring_enable(fd);
+    let result = handler.handle_request();
+    let reply_lost = {
+        let mut d = lock(dev);
+        // A worker that died during the request is replaced now, once the
+        // VMM has its answer.
+        let (sup, dev) = d.backend.supervision();
+        sup.supervise(dev);
+        std::mem::take(&mut d.reply_lost)
+    };
+    match result {
+        Ok(()) => {}
+        Err(VhostError::ReqHandlerError(_)) | Err(VhostError::InvalidOperation(_)) => {
+            // Refused and already logged; REPLY_ACK told the VMM.
+        }
+        Err(
+            e @ (VhostError::InactiveFeature(_)
+            | VhostError::InactiveOperation(_)
+            | VhostError::InvalidParam),
+        ) => {
+            // The whole message was read, so the stream is still in step.
+            // QEMU, for one, sends SET_VRING_ENABLE before SET_FEATURES (at
+            // realize time and when it reconnects); apply_early_vring_enable
+            // above already applied it.
+            log::debug!("vhost crate refused a request its state does not allow yet: {e}");
+        }
+        Err(
+            VhostError::Disconnected
+            | VhostError::PartialMessage
+            | VhostError::SocketBroken(_)
+            | VhostError::SocketError(_),
+        ) => {
+            log::info!("VMM disconnected");
+            return Served::Close;
+        }
+        Err(e) => {
+            log::warn!("closing the VMM connection: malformed or unexpected request ({e})");
+            return Served::Close;
+        }
+    }
+    if reply_lost {
+        log::warn!("closing the VMM connection: a request that needs a reply failed");
+        return Served::Close;
+    }
+    Served::Next
+}
+
+/// A VMM connection ended: stop every ring, forget what the VMM said, and
+/// give failed queue pairs their retry.
+pub fn end_connection(dev: &Mutex<VhostUserDevice>) {
+    let mut d = lock(dev);
+    d.backend.reset();
+    d.reply_lost = false;
+    let (sup, dev) = d.backend.supervision();
+    sup.shared()
+        .header()
+        .vmm_connected
+        .store(0, Ordering::Relaxed);
+    // Failed queue pairs get their retry now.
+    sup.supervise(dev);
 }
 
 impl Events {
@@ -187,18 +283,7 @@ impl Server {
                 Err(exit) => return Ok(exit),
             };
             let exit = self.serve_vmm(stream);
-            {
-                let mut d = lock(&self.events.dev);
-                d.backend.reset();
-                d.reply_lost = false;
-                let (sup, dev) = d.backend.supervision();
-                sup.shared()
-                    .header()
-                    .vmm_connected
-                    .store(0, Ordering::Relaxed);
-                // Failed queue pairs get their retry now.
-                sup.supervise(dev);
-            }
+            end_connection(&self.events.dev);
             if let Some(exit) = exit? {
                 return Ok(exit);
             }
@@ -282,48 +367,13 @@ impl Server {
                 Wake::Timeout => continue,
                 Wake::Ready => {}
             }
-            lock(&self.events.dev).apply_early_vring_enable(poll_fd.as_fd());
-            let result = handler.handle_request();
-            let reply_lost = {
-                let mut d = lock(&self.events.dev);
-                // A worker that died during the request is replaced now,
-                // once the VMM has its answer.
-                let (sup, dev) = d.backend.supervision();
-                sup.supervise(dev);
-                std::mem::take(&mut d.reply_lost)
-            };
-            match result {
-                Ok(()) => {}
-                Err(VhostError::ReqHandlerError(_)) | Err(VhostError::InvalidOperation(_)) => {
-                    // Refused and already logged; REPLY_ACK told the VMM.
-                }
-                Err(
-                    e @ (VhostError::InactiveFeature(_)
-                    | VhostError::InactiveOperation(_)
-                    | VhostError::InvalidParam),
-                ) => {
-                    // The whole message was read, so the stream is still in
-                    // step. QEMU, for one, sends SET_VRING_ENABLE before
-                    // SET_FEATURES (at realize time and when it reconnects);
-                    // apply_early_vring_enable above already applied it.
-                    log::debug!("vhost crate refused a request its state does not allow yet: {e}");
-                }
-                Err(
-                    VhostError::Disconnected
-                    | VhostError::PartialMessage
-                    | VhostError::SocketBroken(_)
-                    | VhostError::SocketError(_),
-                ) => {
-                    log::info!("VMM disconnected");
-                    return Ok(None);
-                }
-                Err(e) => {
-                    log::warn!("closing the VMM connection: malformed or unexpected request ({e})");
-                    return Ok(None);
-                }
-            }
-            if reply_lost {
-                log::warn!("closing the VMM connection: a request that needs a reply failed");
+            let served = serve_request(
+                &mut handler,
+                &self.events.dev,
+                poll_fd.as_fd(),
+                VMM_IO_TIMEOUT,
+            );
+            if served == Served::Close {
                 return Ok(None);
             }
         }

@@ -131,7 +131,7 @@ impl Tap {
 
     /// A TAP that is nothing but its queue fds, for tests of what workers
     /// are handed (its settings fail: `name` names no interface).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn from_queues(name: &str, queues: Vec<OwnedFd>) -> Tap {
         Tap {
             name: name.to_string(),

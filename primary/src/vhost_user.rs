@@ -10,7 +10,10 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, MsgFlags};
 
 use vhost::vhost_user::message::{
@@ -57,6 +60,62 @@ fn peek_vring_enable(fd: BorrowedFd<'_>) -> Option<(u32, bool)> {
         return None;
     }
     Some((word(12), word(16) == 1))
+}
+
+/// Bytes of a vhost-user message header (request, flags, size).
+const HEADER_LEN: usize = 12;
+
+/// Whether a whole message header waits on a VMM connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// All of it: the vhost crate can read the message.
+    Ready,
+    /// Nothing (a spurious wake-up).
+    Empty,
+    /// The VMM closed the connection (before or inside a header).
+    Closed,
+    /// Only this many bytes of it, and no more came in time.
+    Stalled(usize),
+}
+
+/// Wait at most `timeout` until a whole message header is in the socket
+/// `fd` (peeked at, not taken off). The vhost crate reads a header by
+/// retrying until all of it is in, for ever while the VMM keeps the
+/// connection open (the socket's read timeout only makes it retry), so a
+/// VMM that sends part of a header and stops would freeze the primary's
+/// loop: the crate only gets a header once it is complete.
+pub fn wait_for_header(fd: BorrowedFd<'_>, timeout: Duration) -> Header {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; HEADER_LEN];
+    loop {
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        let n = match recv(fd.as_raw_fd(), &mut buf, flags) {
+            Ok(0) => return Header::Closed,
+            Ok(n) if n >= HEADER_LEN => return Header::Ready,
+            Ok(n) => n,
+            Err(Errno::EAGAIN) => return Header::Empty,
+            Err(Errno::EINTR) => continue,
+            // Let the vhost crate meet the error and report it.
+            Err(_) => return Header::Ready,
+        };
+        // POLLHUP: the VMM closed its end (a VMM that only shut down
+        // writing runs into the timeout).
+        let mut pfd = [PollFd::new(fd, PollFlags::empty())];
+        let hung_up = matches!(poll(&mut pfd, PollTimeout::ZERO), Ok(1))
+            && pfd[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLHUP));
+        if hung_up {
+            // The rest can never come.
+            return Header::Closed;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Header::Stalled(n);
+        }
+        // Data is there, so poll(2) would not wait for more: sleep a little.
+        std::thread::sleep((deadline - now).min(Duration::from_millis(5)));
+    }
 }
 
 fn answer<T>(request: &str, r: DevResult<T>) -> VhostResult<T> {
@@ -271,5 +330,47 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
 
     fn set_log_base(&mut self, _l: &VhostUserLog, _f: File) -> VhostResult<()> {
         unsupported("SET_LOG_BASE")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn only_a_whole_header_goes_to_the_vhost_crate() {
+        let t = Duration::from_millis(30);
+        let (mut vmm, ours) = UnixStream::pair().unwrap();
+        assert_eq!(wait_for_header(ours.as_fd(), t), Header::Empty);
+        vmm.write_all(&[1, 0, 0, 0, 1]).unwrap();
+        let started = Instant::now();
+        assert_eq!(wait_for_header(ours.as_fd(), t), Header::Stalled(5));
+        assert!(started.elapsed() >= t, "waited for the rest");
+        vmm.write_all(&[0; 7]).unwrap();
+        assert_eq!(wait_for_header(ours.as_fd(), t), Header::Ready);
+        drop(vmm);
+        assert_eq!(
+            wait_for_header(ours.as_fd(), Duration::from_secs(10)),
+            Header::Ready,
+            "a whole header is read even after the VMM left"
+        );
+        let (mut vmm, ours) = UnixStream::pair().unwrap();
+        vmm.write_all(&[1, 0, 0]).unwrap();
+        drop(vmm);
+        let started = Instant::now();
+        assert_eq!(
+            wait_for_header(ours.as_fd(), Duration::from_secs(10)),
+            Header::Closed
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no wait once closed"
+        );
+        let (vmm, ours) = UnixStream::pair().unwrap();
+        drop(vmm);
+        assert_eq!(wait_for_header(ours.as_fd(), t), Header::Closed);
     }
 }

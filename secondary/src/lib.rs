@@ -27,6 +27,9 @@ mod events;
 mod features;
 mod flows;
 mod frame_io;
+#[cfg(feature = "test-utils")]
+#[doc(hidden)]
+pub mod fuzz;
 mod guest_memory;
 mod iovecs;
 mod queue;

@@ -4,8 +4,11 @@
 
 use std::path::Path;
 
-/// Feed every file of `fuzz/corpus/<target>/` to `body`.
+/// Feed every file of `fuzz/corpus/<target>/` to `body`, one target at a
+/// time: the `vhost_user` body counts this process's open fds.
 fn replay(target: &str, body: fn(&[u8])) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/corpus")
         .join(target);
@@ -41,4 +44,14 @@ fn tx_header_corpus_replays() {
 #[test]
 fn flow_key_corpus_replays() {
     replay("flow_key", qpnet_shared::fuzz_flow_key);
+}
+
+#[test]
+fn chain_corpus_replays() {
+    replay("chain", qpnet_secondary::fuzz::fuzz_chain);
+}
+
+#[test]
+fn vhost_user_corpus_replays() {
+    replay("vhost_user", qpnet_primary::fuzz::fuzz_vhost_user);
 }

@@ -18,14 +18,17 @@
 //! - The policy (`policy.rs`) decides after each death: restart now, after
 //!   a back-off, or mark the queue pair failed. Its worker link is a trait
 //!   (`link.rs`): worker processes (`process.rs`) in the primary, a fake
-//!   (`fake.rs`) in the tests (`tests.rs`).
+//!   (`fake.rs`) in the tests (`tests.rs`, on `test_bed.rs`) and the
+//!   `vhost_user` fuzz target (`crate::fuzz`).
 
-#[cfg(test)]
-mod fake;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fake;
 mod link;
 mod policy;
 mod process;
 mod queue_pair;
+#[cfg(test)]
+mod test_bed;
 #[cfg(test)]
 mod tests;
 

@@ -8,8 +8,9 @@ use std::time::Duration;
 use qpnet_ipc::{Request, RingKind};
 use qpnet_shared::{monotonic_ns, QueueStats, WorkerState};
 
-use super::fake::{bed, eventfd, lock, names, ring_addrs, Bed, Fault, FULL_START, UA};
+use super::fake::{lock, Fault};
 use super::queue_pair::{Owed, RingState};
+use super::test_bed::{bed, eventfd, names, ring_addrs, Bed, FULL_START, UA};
 
 #[test]
 fn a_new_worker_gets_the_instance_the_device_state_and_its_rings() {
