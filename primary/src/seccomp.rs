@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::BpfProgram;
 
 /// Every call the primary and its workers' start-up make.
 const ALLOWED: &[i64] = &[
@@ -168,16 +168,7 @@ const ALLOWED: &[i64] = &[
 ];
 
 fn program() -> Result<BpfProgram, seccompiler::Error> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-    let arch: TargetArch = std::env::consts::ARCH.try_into()?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        arch,
-    )?;
-    Ok(filter.try_into()?)
+    qpnet_secondary::seccomp_kill_unless_allowed(ALLOWED, BTreeMap::new())
 }
 
 /// Install the primary's filter on every thread it has.

@@ -50,6 +50,7 @@ mod worker_tests;
 
 pub use guest_memory::{GuestMemoryMap, MemoryError};
 pub use sandbox::{
-    keep_only_capabilities, syscall_name, RunAs, SandboxError, PRIMARY_CAPABILITIES,
+    keep_only_capabilities, seccomp_kill_unless_allowed, syscall_name, RunAs, SandboxError,
+    PRIMARY_CAPABILITIES,
 };
 pub use worker::run_worker;

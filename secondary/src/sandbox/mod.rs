@@ -34,6 +34,7 @@ mod seccomp;
 mod syscall_names;
 
 pub use caps::{keep_only_capabilities, PRIMARY_CAPABILITIES};
+pub use seccomp::kill_unless_allowed as seccomp_kill_unless_allowed;
 pub use syscall_names::syscall_name;
 
 use std::fmt;

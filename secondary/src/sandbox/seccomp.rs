@@ -92,16 +92,17 @@ fn equal(arg: u8, value: u64) -> Result<SeccompRule, seccompiler::Error> {
     Ok(SeccompRule::new(vec![cond])?)
 }
 
-/// The worker's filter, as BPF for this architecture.
-fn program() -> Result<BpfProgram, seccompiler::Error> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-    let exec = libc::PROT_EXEC as u64;
-    rules.insert(libc::SYS_mmap, vec![without_bits(2, exec)?]);
-    rules.insert(libc::SYS_mprotect, vec![without_bits(2, exec)?]);
-    // abort(): a signal to this process only.
-    let me = std::process::id() as u64;
-    rules.insert(libc::SYS_tgkill, vec![equal(0, me)?]);
+/// A filter for this architecture that allows the calls in `allowed` with
+/// any arguments, those in `rules` when one of their rules holds, and kills
+/// the process on any other (`SECCOMP_RET_KILL_PROCESS`): the form of both
+/// the worker's filter and the primary's.
+pub fn kill_unless_allowed(
+    allowed: &[i64],
+    mut rules: BTreeMap<i64, Vec<SeccompRule>>,
+) -> Result<BpfProgram, seccompiler::Error> {
+    for &nr in allowed {
+        rules.entry(nr).or_default();
+    }
     let arch: TargetArch = std::env::consts::ARCH.try_into()?;
     let filter = SeccompFilter::new(
         rules,
@@ -110,6 +111,19 @@ fn program() -> Result<BpfProgram, seccompiler::Error> {
         arch,
     )?;
     Ok(filter.try_into()?)
+}
+
+/// The worker's filter, as BPF for this architecture.
+fn program() -> Result<BpfProgram, seccompiler::Error> {
+    let exec = libc::PROT_EXEC as u64;
+    // abort(): a signal to this process only.
+    let me = std::process::id() as u64;
+    let rules = BTreeMap::from([
+        (libc::SYS_mmap, vec![without_bits(2, exec)?]),
+        (libc::SYS_mprotect, vec![without_bits(2, exec)?]),
+        (libc::SYS_tgkill, vec![equal(0, me)?]),
+    ]);
+    kill_unless_allowed(ALLOWED, rules)
 }
 
 /// Build and install the filter on this (the worker's only) thread.
