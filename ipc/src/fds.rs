@@ -43,7 +43,7 @@ impl Request {
             Request::Hello { .. } => "hello",
             Request::SetFeatures { .. } => "set-features",
             Request::SetMemTable { .. } => "set-mem-table",
-            Request::AttachTap => "attach-tap",
+            Request::AttachFrameIo { .. } => "attach-frame-io",
             Request::AttachShared { .. } => "attach-shared",
             Request::StartRing(_) => "start-ring",
             Request::StopRing { .. } => "stop-ring",
@@ -52,13 +52,13 @@ impl Request {
     }
 
     /// How many fds travel beside this request: one per memory region for
-    /// SetMemTable, the TAP queue or the shared region for AttachTap /
+    /// SetMemTable, the frame I/O fd or the shared region for AttachFrameIo /
     /// AttachShared, the ring's eventfds for StartRing
     /// ([`RingConfig::fd_names`]), none otherwise.
     pub fn fds_expected(&self) -> usize {
         match self {
             Request::SetMemTable { regions } => regions.len(),
-            Request::AttachTap | Request::AttachShared { .. } => 1,
+            Request::AttachFrameIo { .. } | Request::AttachShared { .. } => 1,
             Request::StartRing(cfg) => cfg.fd_names().count(),
             Request::Hello { .. }
             | Request::SetFeatures { .. }
@@ -216,7 +216,13 @@ mod tests {
         );
         assert!(Request::Shutdown.check_fds(&[eventfd()]).is_err());
         assert!(Request::Shutdown.check_fds::<OwnedFd>(&[]).is_ok());
-        assert_eq!(Request::AttachTap.fds_expected(), 1);
+        assert_eq!(
+            Request::AttachFrameIo {
+                kind: crate::FrameIoKind::Datagram
+            }
+            .fds_expected(),
+            1
+        );
     }
 
     #[test]

@@ -16,10 +16,13 @@ pub struct Cli {
 }
 
 /// The subcommands.
+// Parsed once per process: the size of `RunArgs` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the primary: serve a VMM on a vhost-user socket, forward through
-    /// a TAP, one worker process per queue pair.
+    /// a TAP (--tap, needs CAP_NET_ADMIN) or datagram sockets (--udp,
+    /// --unix-dgram, need no privilege), one worker process per queue pair.
     Run(RunArgs),
     /// Internal: a queue pair's worker, started by `qpnet run` only.
     Worker(WorkerArgs),
@@ -37,12 +40,9 @@ pub struct RunArgs {
     /// or with --connect connects to a VMM listening there.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
-    /// The TAP interface: created if missing (and removed on exit), or an
-    /// existing multi-queue TAP (`ip tuntap add dev NAME mode tap
-    /// multi_queue vnet_hdr`). Its link is brought up; addresses are yours
-    /// to assign.
-    #[arg(long, value_name = "NAME")]
-    pub tap: String,
+    /// Where frames go: exactly one of --tap, --udp, --unix-dgram.
+    #[command(flatten)]
+    pub host: HostArgs,
     /// Number of queue pairs (1..=16), each served by its own worker
     /// process. Default: the number of CPUs, at most 16.
     #[arg(long, value_name = "N", value_parser = parse_queue_pairs, allow_negative_numbers = true)]
@@ -95,6 +95,32 @@ pub struct RunArgs {
     /// that can reach the socket.
     #[arg(long, value_name = "UID[,UID...]", value_delimiter = ',')]
     pub allow_uid: Option<Vec<u32>>,
+}
+
+/// The host side of `qpnet run`: exactly one is given.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct HostArgs {
+    /// The TAP interface: created if missing (and removed on exit), or an
+    /// existing multi-queue TAP (`ip tuntap add dev NAME mode tap
+    /// multi_queue vnet_hdr`). Its link is brought up; addresses are yours
+    /// to assign. Needs CAP_NET_ADMIN (run as root).
+    #[arg(long, value_name = "NAME")]
+    pub tap: Option<String>,
+    /// UDP sockets instead of a TAP: one Ethernet frame per datagram, no
+    /// header (QEMU's `-netdev dgram,local.type=inet,...,remote.type=inet`).
+    /// Queue pair K binds LOCAL_IP:PORT+K and sends to REMOTE_IP:PORT+K.
+    /// IPv6 as [::1]:PORT. Needs no privilege: with --runtime-dir and
+    /// --socket in a directory you own, qpnet runs as any user.
+    #[arg(long, value_name = "LOCAL_IP:PORT,REMOTE_IP:PORT", value_parser = crate::dgram::parse_udp)]
+    pub udp: Option<crate::dgram::DgramSpec>,
+    /// Unix datagram sockets instead of a TAP (QEMU's `-netdev
+    /// dgram,local.type=unix,...`): qpnet binds LOCAL_PATH and connects to
+    /// REMOTE_PATH, which must be bound already; with more than one queue
+    /// pair, queue pair K uses LOCAL_PATH.K and REMOTE_PATH.K. Needs no
+    /// privilege.
+    #[arg(long, value_name = "LOCAL_PATH,REMOTE_PATH", value_parser = crate::dgram::parse_unix)]
+    pub unix_dgram: Option<crate::dgram::DgramSpec>,
 }
 
 /// Options of `qpnet retry`.

@@ -20,6 +20,7 @@ use log::warn;
 
 use crate::chain::{walk_chain, Access};
 use crate::counters::{LocalCounters, Tally};
+use crate::datagram::PeerFault;
 use crate::features::{ETH_HLEN, MAX_TX_FRAME};
 use crate::iovecs::{IoVecBuf, IoVecs};
 use crate::queue::{PathCtx, RingSlot};
@@ -260,7 +261,9 @@ impl TxRun<'_> {
         let io = ctx.io;
         let written = self
             .frame
-            .with_prefix(hdr.bytes_mut(), |frame| io.write_frame(frame))
+            .with_prefix(hdr.bytes_mut(), |frame| {
+                io.write_frame(frame, header as usize)
+            })
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match written {
             Ok(_) => {
@@ -273,10 +276,14 @@ impl TxRun<'_> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Sent::Blocked,
             Err(e) => {
-                ctx.counters.drop_tap_error += 1;
+                match PeerFault::of(&e) {
+                    Some(PeerFault::Gone) => ctx.counters.peer_unreachable += 1,
+                    Some(PeerFault::TooLarge) => ctx.counters.drop_peer_refused += 1,
+                    None => ctx.counters.drop_tap_error += 1,
+                }
                 if let Some(n) = self.log.io_errors.note() {
                     warn!(
-                        "qp{}: TAP write failed ({n} so far): {e}",
+                        "qp{}: frame I/O write failed ({n} so far): {e}",
                         self.log.queue_pair
                     );
                 }
