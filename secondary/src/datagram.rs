@@ -181,6 +181,14 @@ impl FrameIo for Datagram {
     fn has_frame(&self) -> bool {
         readable(self.fd.as_fd())
     }
+
+    /// SO_ERROR reads and clears the socket's pending error.
+    fn take_error(&self) -> Option<io::Error> {
+        match getsockopt(&self.fd, sockopt::SocketError) {
+            Ok(0) | Err(_) => None,
+            Ok(e) => Some(io::Error::from_raw_os_error(e)),
+        }
+    }
 }
 
 impl AsFd for Datagram {

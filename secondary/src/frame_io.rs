@@ -41,4 +41,12 @@ pub trait FrameIo: AsFd {
 
     /// Whether a frame waits to be read (no frame is consumed).
     fn has_frame(&self) -> bool;
+
+    /// After an error event: the error the fd holds, taken (cleared), when
+    /// the fd survives it (a datagram socket's pending ICMP error); `None`
+    /// when the error or hang-up is the fd's end (a TAP's), so the caller
+    /// detaches it.
+    fn take_error(&self) -> Option<io::Error> {
+        None
+    }
 }

@@ -22,6 +22,7 @@ use qpnet_ipc::{RingConfig, RingKind};
 use qpnet_shared::SharedRegion;
 
 use crate::counters::{LocalCounters, StatsHome};
+use crate::datagram::PeerFault;
 use crate::events::Events;
 use crate::features::NetFeatures;
 use crate::flows::FlowTracker;
@@ -248,10 +249,24 @@ impl QueuePair {
         self.tx.unblock();
     }
 
+    /// The frame I/O reported an error or hang-up: a pending error of the
+    /// peer (a datagram socket's ICMP port unreachable) is taken, counted
+    /// and the queue goes on; anything else detaches the frame I/O.
+    pub fn on_io_error(&mut self, events: &mut Events) {
+        let Some(io) = self.common.io.as_deref() else {
+            return;
+        };
+        match io.take_error().as_ref().and_then(PeerFault::of) {
+            Some(PeerFault::Gone) => self.common.counters.peer_unreachable += 1,
+            Some(PeerFault::TooLarge) => self.common.counters.drop_peer_refused += 1,
+            None => self.detach_io("it reported an error or hang-up", events),
+        }
+    }
+
     /// Detach the frame I/O (an error or hang-up on it, or a new one).
     pub fn detach_io(&mut self, why: &str, events: &mut Events) {
         if let Some(io) = self.common.io.take() {
-            warn!("qp{}: TAP queue detached: {why}", self.index);
+            warn!("qp{}: frame I/O detached: {why}", self.index);
             events.remove_io(io.as_ref());
         }
         self.tx.forget_io();

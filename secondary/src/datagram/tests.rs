@@ -82,3 +82,28 @@ fn peer_faults_are_told_apart() {
     assert_eq!(of(libc::EIO), None);
     assert_eq!(PeerFault::of(&io::Error::other("x")), None);
 }
+
+#[test]
+fn a_pending_icmp_error_is_taken_once() {
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = closed.local_addr().unwrap();
+    drop(closed);
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.connect(to).unwrap();
+    let io = Datagram::attach(OwnedFd::from(s)).unwrap();
+    assert!(io.take_error().is_none());
+    nix::unistd::write(&io.fd, b"frame").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let e = loop {
+        if let Some(e) = io.take_error() {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ICMP error came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    assert_eq!(PeerFault::of(&e), Some(PeerFault::Gone));
+    assert!(io.take_error().is_none(), "taking it clears it");
+}
