@@ -447,3 +447,6 @@ fn memory_swap_keeps_rings_or_stops_the_ones_outside() {
         "memory table",
     );
 }
+
+/// A worker on a datagram socket (the socket backend).
+mod datagram;
