@@ -59,7 +59,8 @@ pub struct RunArgs {
     /// (default: a locally administered address derived from --name).
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     pub mac: Option<[u8; 6]>,
-    /// Base directory for runtime files (default /run/qpnet as root).
+    /// Base directory for runtime files (default /run/qpnet as root, else
+    /// $XDG_RUNTIME_DIR/qpnet, or /tmp/qpnet-UID without it).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
     /// Watchdog: a worker whose heartbeat is older than this while its queue
@@ -129,7 +130,8 @@ pub struct RetryArgs {
     /// Instance name (as given to `qpnet run --name`).
     #[arg(long, value_name = "NAME", default_value = "qpnet")]
     pub name: String,
-    /// Base directory for runtime files (default /run/qpnet as root).
+    /// Base directory for runtime files (default /run/qpnet as root, else
+    /// $XDG_RUNTIME_DIR/qpnet, or /tmp/qpnet-UID without it).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
 }
@@ -168,7 +170,8 @@ pub struct StatsArgs {
     /// How many flows to list, largest first (0: none).
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
-    /// Base directory for runtime files (default /run/qpnet as root).
+    /// Base directory for runtime files (default /run/qpnet as root, else
+    /// $XDG_RUNTIME_DIR/qpnet, or /tmp/qpnet-UID without it).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
 }

@@ -379,7 +379,17 @@ fn help_exists_for_every_subcommand() -> Result<()> {
         (&["--help"], &["run", "stats", "retry"]),
         (
             &["run", "--help"],
-            &["--socket", "--tap", "--queue-pairs", "--connect", "--name"],
+            &[
+                "--socket",
+                "--tap",
+                "--udp",
+                "--unix-dgram",
+                "needs CAP_NET_ADMIN",
+                "need no privilege",
+                "--queue-pairs",
+                "--connect",
+                "--name",
+            ],
         ),
         (&["stats", "--help"], &["--name", "--json", "--prometheus"]),
         (&["retry", "--help"], &["--name", "--runtime-dir", "retry"]),

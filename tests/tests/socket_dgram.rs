@@ -506,3 +506,27 @@ fn unprivileged_qpnet_serves_over_udp() -> Result<()> {
     bed.rx_round(&[0, 1], 0..FRAMES)?;
     bed.finish()
 }
+
+/// A worker killed on a socket backend is replaced and gets the same
+/// socket: datagrams sent meanwhile wait in it, and both ways work again;
+/// the other queue pair never stops.
+#[test]
+fn a_killed_worker_is_replaced_on_the_same_socket() -> Result<()> {
+    let mut bed = Bed::new(Kind::Udp4, 2)?;
+    bed.tx_round(&[0, 1], 0..8)?;
+    let pid = bed
+        .stats()?
+        .queue(0)
+        .context("queue 0")?
+        .pid
+        .load(std::sync::atomic::Ordering::Relaxed);
+    ensure!(pid != 0, "queue pair 0 has a worker");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    bed.wait_counter("restarts", 0, 1, |q| &q.restarts)?;
+    bed.rx_round(&[0, 1], 100..116)?;
+    bed.tx_round(&[0, 1], 100..116)?;
+    bed.finish()
+}
