@@ -174,6 +174,31 @@ impl DgramSpec {
         (suffixed(local), suffixed(remote))
     }
 
+    /// The QEMU `-netdev dgram` options of a peer of queue pair `qp`: its
+    /// local address is our remote one and the other way round.
+    pub fn qemu_peer(&self, qp: u16, queue_pairs: u16) -> Result<String, DgramError> {
+        Ok(match self {
+            DgramSpec::Udp { local, remote } => {
+                let (l, r) = DgramSpec::udp_addrs(*local, *remote, qp)?;
+                format!(
+                    "-netdev dgram,id=peer{qp},local.type=inet,local.host={},local.port={},remote.type=inet,remote.host={},remote.port={}",
+                    r.ip(),
+                    r.port(),
+                    l.ip(),
+                    l.port()
+                )
+            }
+            DgramSpec::Unix { local, remote } => {
+                let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs);
+                format!(
+                    "-netdev dgram,id=peer{qp},local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                    r.display(),
+                    l.display()
+                )
+            }
+        })
+    }
+
     /// A one-line description, for the log.
     pub fn describe(&self, queue_pairs: u16) -> String {
         match self {

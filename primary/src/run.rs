@@ -174,6 +174,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (sup, dev) = backend.supervision();
     sup.supervise(dev);
     eprintln!("{}", qemu_hint(&args, qp));
+    if let Some(spec) = args.host.udp.as_ref().or(args.host.unix_dgram.as_ref()) {
+        eprintln!("a QEMU peer on the other end of queue pair K (one netdev per queue pair):");
+        for k in 0..qp {
+            if let Ok(line) = spec.qemu_peer(k, qp) {
+                eprintln!("  {line}");
+            }
+        }
+    }
     let dev = Arc::new(Mutex::new(VhostUserDevice {
         backend,
         reply_lost: false,

@@ -29,7 +29,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{getsockopt, sockopt, SockType};
 
 use crate::frame_io::FrameIo;
-use crate::iovecs::{IoVecs, MAX_IOVECS};
+use crate::iovecs::IoVecs;
 use crate::tap::{readable, retry};
 
 /// A connected datagram socket.
@@ -162,7 +162,6 @@ impl FrameIo for Datagram {
         if !skip_front(rest, header, &mut list) {
             return Err(short_frame());
         }
-        list.truncate(MAX_IOVECS);
         Ok(header + self.recv(&mut list)?)
     }
 

@@ -5,14 +5,16 @@
 //! with one `writev` straight from guest memory, except for the virtio-net
 //! header: it is copied out once, checked against the negotiated offloads
 //! and the frame ([`crate::tx_header`]), and the TAP (IFF_VNET_HDR) gets
-//! that copy. A chain that is refused (bad descriptor, runt, oversized, a
+//! that copy (a datagram socket, which carries no header, skips it). A
+//! frame the socket's peer refuses (EMSGSIZE) or cannot take (gone) is
+//! counted as such. A chain that is refused (bad descriptor, runt, oversized, a
 //! malformed header) or that the frame I/O refuses is
 //! still completed, with length 0, and counted: the guest gets its buffers
 //! back and the queue goes on. Kicks are suppressed while draining and
 //! re-armed at the end; the guest is interrupted at most once per run.
 //!
 //! If the frame I/O is full (`EAGAIN`, which a real TAP practically never
-//! says), the chain is given back and the queue waits until the I/O is
+//! says; a unix datagram peer that reads slowly does), the chain is given back and the queue waits until the I/O is
 //! writable again ([`TxState::Blocked`]), so no frame is lost to
 //! back-pressure.
 

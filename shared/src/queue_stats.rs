@@ -89,14 +89,14 @@ macro_rules! queue_stats {
 
 queue_stats! {
     packet {
-        tx_frames: "Frames taken from the TX ring and written to the TAP.",
+        tx_frames: "Frames taken from the TX ring and written to the TAP or socket.",
         tx_bytes: "Bytes of TX frames (without the virtio-net header).",
-        rx_frames: "Frames read from the TAP and put in the RX ring.",
+        rx_frames: "Frames read from the TAP or socket and put in the RX ring.",
         rx_bytes: "Bytes of RX frames (without the virtio-net header).",
-        drop_too_large: "RX frames cut short: the guest's buffers were too small.",
+        drop_too_large: "RX frames (or datagrams) dropped: larger than the guest's buffers.",
         drop_bad_descriptor: "Chains refused because a descriptor was invalid (out of guest memory, looping, wrong direction, too long).",
         drop_runt: "TX chains shorter than the virtio-net header.",
-        drop_tap_error: "Frames the TAP refused on write.",
+        drop_tap_error: "Frames the TAP or socket refused on write, or reads of it that failed.",
         drop_hdr_flags: "TX frames dropped: virtio-net header flags not allowed (unknown bits, or NEEDS_CSUM without checksum offload).",
         drop_hdr_gso: "TX frames dropped: a GSO type that is unknown or was not negotiated.",
         drop_hdr_gso_size: "TX frames dropped: a GSO type with gso_size 0.",

@@ -51,6 +51,20 @@ fn queue_pair_k_uses_port_plus_k() {
 }
 
 #[test]
+fn the_qemu_peer_mirrors_our_addresses() {
+    let udp = parse_udp("[::1]:5000,[::1]:6000").unwrap();
+    assert_eq!(
+        udp.qemu_peer(1, 2).unwrap(),
+        "-netdev dgram,id=peer1,local.type=inet,local.host=::1,local.port=6001,remote.type=inet,remote.host=::1,remote.port=5001"
+    );
+    let unix = parse_unix("/t/q,/t/p").unwrap();
+    assert_eq!(
+        unix.qemu_peer(0, 1).unwrap(),
+        "-netdev dgram,id=peer0,local.type=unix,local.path=/t/p,remote.type=unix,remote.path=/t/q"
+    );
+}
+
+#[test]
 fn unix_specs_parse_and_suffix() {
     let s = parse_unix("/tmp/a.sock,/tmp/b.sock").unwrap();
     assert_eq!(
