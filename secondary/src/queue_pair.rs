@@ -21,7 +21,7 @@ use log::{error, info, warn};
 use qpnet_ipc::{RingConfig, RingKind};
 use qpnet_shared::SharedRegion;
 
-use crate::counters::{LocalCounters, StatsHome};
+use crate::counters::{LocalCounters, StatsHome, Tally};
 use crate::datagram::PeerFault;
 use crate::events::Events;
 use crate::features::NetFeatures;
@@ -42,6 +42,8 @@ pub struct QueuePair {
     tx: TxQueue,
     rx: RxQueue,
     common: Common,
+    /// Peer errors taken from an error event, for rate-limited logging.
+    peer_errors: Tally,
 }
 
 /// The parts of the queue pair both queues use.
@@ -74,6 +76,7 @@ impl QueuePair {
             index,
             tx: TxQueue::new(index),
             rx: RxQueue::new(index),
+            peer_errors: Tally::default(),
             common: Common {
                 features: NetFeatures::default(),
                 memory: None,
@@ -256,10 +259,20 @@ impl QueuePair {
         let Some(io) = self.common.io.as_deref() else {
             return;
         };
-        match io.take_error().as_ref().and_then(PeerFault::of) {
+        let Some(e) = io.take_error() else {
+            self.detach_io("it reported an error or hang-up", events);
+            return;
+        };
+        match PeerFault::of(&e) {
             Some(PeerFault::Gone) => self.common.counters.peer_unreachable += 1,
             Some(PeerFault::TooLarge) => self.common.counters.drop_peer_refused += 1,
-            None => self.detach_io("it reported an error or hang-up", events),
+            None => {
+                self.detach_io(&format!("it reported {e}"), events);
+                return;
+            }
+        }
+        if let Some(n) = self.peer_errors.note() {
+            warn!("qp{}: the socket's peer: {e} ({n} so far)", self.index);
         }
     }
 

@@ -320,6 +320,21 @@ impl Bed {
         )
     }
 
+    /// Wait until qpnet's log says `needle`.
+    fn wait_log(&self, needle: &str) -> Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.qpnet.stderr().contains(needle) {
+            if Instant::now() > deadline {
+                bail!(
+                    "qpnet's log never said {needle:?}:\n{}",
+                    self.qpnet.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// Wait until counter `f` of queue pair `qp` reaches `at_least`.
     fn wait_counter(
         &self,
@@ -450,6 +465,7 @@ fn udp_peer_gone_is_counted_and_the_queue_recovers() -> Result<()> {
         Ok(Peer::Udp(UdpSocket::bind(udp_addr(Kind::Udp4, 7000))?))
     })?;
     bed.tx_until_unreachable(0)?;
+    bed.wait_log("Connection refused")?;
     let doc = bed.qpnet.stats_json(&[])?;
     ensure!(doc.queue(0)?.counter("peer_unreachable")? >= 1);
     bed.tx_round(&[1], 4..12)?;
@@ -476,6 +492,7 @@ fn unix_peer_gone_is_counted_and_other_queues_unaffected() -> Result<()> {
     bed.tx_round(&[0, 1], 0..4)?;
     bed.peers[0] = Peer::Unix(UnixDatagram::unbound()?);
     bed.tx_until_unreachable(0)?;
+    bed.wait_log("Connection refused")?;
     bed.vmm.tx[0].wait_idle(TIMEOUT)?;
     bed.tx_round(&[1], 4..12)?;
     bed.rx_round(&[1], 0..8)?;
