@@ -361,7 +361,11 @@ impl Bed {
 
     fn finish(self) -> Result<()> {
         let Bed {
-            vmm, qpnet, dir, ..
+            vmm,
+            qpnet,
+            dir,
+            ours,
+            ..
         } = self;
         let err = qpnet.stderr();
         ensure!(
@@ -370,6 +374,12 @@ impl Bed {
         );
         drop(vmm);
         qpnet.stop()?;
+        for path in ours.iter().filter(|o| o.starts_with('/')) {
+            ensure!(
+                !std::path::Path::new(path).exists(),
+                "qpnet left the unix socket {path} it bound"
+            );
+        }
         let _ = std::fs::remove_dir_all(dir);
         Ok(())
     }
@@ -546,4 +556,30 @@ fn a_killed_worker_is_replaced_on_the_same_socket() -> Result<()> {
     bed.rx_round(&[0, 1], 100..116)?;
     bed.tx_round(&[0, 1], 100..116)?;
     bed.finish()
+}
+
+/// No virtio-net offload is offered on a socket backend: a driver that
+/// wants checksum and TSO offloads does not find them.
+#[test]
+fn no_offloads_are_offered_on_a_socket_backend() -> Result<()> {
+    let bed = Bed::new(Kind::Udp4, 1)?;
+    let Bed {
+        vmm, qpnet, dir, ..
+    } = bed;
+    drop(vmm);
+    let _ = std::fs::remove_dir_all(dir);
+    let wanting = Vmm::connect(
+        qpnet.socket(),
+        VmmConfig {
+            tx_offloads: true,
+            ..VmmConfig::default()
+        },
+    );
+    let err = match wanting {
+        Ok(_) => bail!("a driver got TX offloads from a socket backend"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(err.contains("missing"), "unexpected refusal: {err}");
+    qpnet.stop()?;
+    Ok(())
 }
