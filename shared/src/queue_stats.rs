@@ -108,7 +108,7 @@ queue_stats! {
         interrupts: "Interrupts sent to the guest.",
         batches: "Wake-ups that moved at least one frame.",
         ring_faults: "Rings stopped because the guest made them unusable (also signalled on the ring's SET_VRING_ERR eventfd).",
-        drop_empty: "RX frames dropped: an empty datagram (socket backend).",
+        drop_rx_short: "RX frames dropped: empty or shorter than an Ethernet header (a socket peer's datagram of 0 to 13 bytes).",
         drop_peer_refused: "TX frames dropped: the socket refused them as too large for the peer (EMSGSIZE).",
         peer_unreachable: "Times the socket's peer was not there (ECONNREFUSED, ENOENT, ENOTCONN); a TX frame is dropped, RX goes on.",
     }
@@ -197,7 +197,7 @@ mod tests {
                 "drop_hdr_gso_size",
                 "drop_hdr_len",
                 "drop_hdr_csum",
-                "drop_empty",
+                "drop_rx_short",
                 "drop_peer_refused"
             ]
         );

@@ -427,7 +427,7 @@ fn unix_four_queue_pairs_each_on_its_own_path() -> Result<()> {
     both_ways(Kind::Unix, 4)
 }
 
-/// Oversized and empty datagrams are dropped and counted on their queue
+/// Oversized, empty and runt datagrams are dropped and counted on their queue
 /// pair; the queue keeps working and the other queue pair sees nothing.
 fn bad_datagrams(kind: Kind) -> Result<()> {
     let mut bed = Bed::new(kind, 2)?;
@@ -435,11 +435,13 @@ fn bad_datagrams(kind: Kind) -> Result<()> {
     bed.peers[0].send(&vec![0x5a; 4000])?;
     bed.wait_counter("drop_too_large", 0, 1, |q| &q.drop_too_large)?;
     bed.peers[0].send(&[])?;
-    bed.wait_counter("drop_empty", 0, 1, |q| &q.drop_empty)?;
+    bed.wait_counter("drop_rx_short", 0, 1, |q| &q.drop_rx_short)?;
+    bed.peers[0].send(&[0xa5; 13])?;
+    bed.wait_counter("drop_rx_short", 0, 2, |q| &q.drop_rx_short)?;
     bed.rx_round(&[0, 1], 0..8)?;
     bed.tx_round(&[0, 1], 0..8)?;
     ensure!(bed.counter(1, |q| &q.drop_too_large)? == 0);
-    ensure!(bed.counter(1, |q| &q.drop_empty)? == 0);
+    ensure!(bed.counter(1, |q| &q.drop_rx_short)? == 0);
     ensure!(
         bed.counter(0, |q| &q.rx_frames)? == 8,
         "dropped datagrams are no frames"
@@ -447,8 +449,8 @@ fn bad_datagrams(kind: Kind) -> Result<()> {
     // `qpnet stats` shows them (the table sums them into its drops).
     let doc = bed.qpnet.stats_json(&[])?;
     let q0 = doc.queue(0)?;
-    ensure!(q0.counter("drop_too_large")? == 1 && q0.counter("drop_empty")? == 1);
-    ensure!(q0.counter("drops")? == 2 && doc.queue(1)?.counter("drops")? == 0);
+    ensure!(q0.counter("drop_too_large")? == 1 && q0.counter("drop_rx_short")? == 2);
+    ensure!(q0.counter("drops")? == 3 && doc.queue(1)?.counter("drops")? == 0);
     ensure!(q0.counter("peer_unreachable")? == 0);
     bed.finish()
 }

@@ -8,7 +8,7 @@
 //! stay taken for the next frame, so the guest loses nothing but that frame.
 
 use crate::datagram::PeerFault;
-use crate::features::NUM_BUFFERS_OFFSET;
+use crate::features::{ETH_HLEN, NUM_BUFFERS_OFFSET};
 use crate::ring::RingFault;
 use qpnet_shared::Direction;
 
@@ -61,9 +61,11 @@ impl RxRun<'_> {
         Received::Failed
     }
 
-    /// Drop and count a frame of `n` bytes (header included) with no
-    /// Ethernet bytes: shorter than the header (a TAP never gives one), or
-    /// an empty datagram. Returns whether it was dropped.
+    /// Drop and count a frame of `n` bytes (header included) that is no
+    /// Ethernet frame: shorter than the header (a TAP never gives one), or
+    /// with fewer than 14 bytes after it (a socket peer's empty or runt
+    /// datagram; the guest's driver would only count it as an error).
+    /// Returns whether it was dropped.
     pub(super) fn refuse_short(&mut self, n: u64) -> bool {
         let header = u64::from(self.ctx.features.header_len);
         if n < header {
@@ -71,9 +73,10 @@ impl RxRun<'_> {
             self.log.dropped(format_args!("TAP gave a {n}-byte frame"));
             return true;
         }
-        if n == header {
-            self.ctx.counters.drop_empty += 1;
-            self.log.dropped(format_args!("an empty frame"));
+        if n < header + u64::from(ETH_HLEN) {
+            self.ctx.counters.drop_rx_short += 1;
+            self.log
+                .dropped(format_args!("{} bytes are no Ethernet frame", n - header));
             return true;
         }
         false

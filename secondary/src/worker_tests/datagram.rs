@@ -178,7 +178,9 @@ fn oversized_empty_refused_and_unanswered_frames_are_counted_and_the_queue_goes_
     b.peer().send_frame(&payload(3000, 5)); // larger than a 2048-byte buffer
     b.wait_counter("drop_too_large", 1, |q| &q.drop_too_large);
     b.peer().send_frame(&[]);
-    b.wait_counter("drop_empty", 1, |q| &q.drop_empty);
+    b.wait_counter("drop_rx_short", 1, |q| &q.drop_rx_short);
+    b.peer().send_frame(&[1; 13]);
+    b.wait_counter("drop_rx_short", 2, |q| &q.drop_rx_short);
     let f = payload(100, 9);
     b.peer().send_frame(&f);
     wait_for("the good RX frame", || b.rx.used().len() == 1);
