@@ -16,7 +16,7 @@
 //! there). Creating sockets needs no capability.
 
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -274,10 +274,6 @@ fn sys(
     }
 }
 
-fn sockaddr(a: SocketAddr) -> SockaddrStorage {
-    SockaddrStorage::from(a)
-}
-
 fn flags() -> SockFlag {
     SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK
 }
@@ -289,9 +285,8 @@ fn open_udp(local: SocketAddr, remote: SocketAddr) -> Result<OwnedFd, DgramError
         AddressFamily::Inet6
     };
     let fd = socket(family, SockType::Datagram, flags(), None).map_err(sys("socket for", local))?;
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sockaddr(local))
-        .map_err(sys("binding UDP", local))?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &sockaddr(remote))
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).map_err(sys("binding UDP", local))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(remote))
         .map_err(sys("connecting UDP to", remote))?;
     Ok(fd)
 }
@@ -303,7 +298,7 @@ fn open_unix(local: &Path, remote: &Path, bound: &mut Vec<PathBuf>) -> Result<Ow
     clear_stale(local)?;
     let fd = socket(AddressFamily::Unix, SockType::Datagram, flags(), None)
         .map_err(sys("socket for", local.display()))?;
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let raw = fd.as_raw_fd();
     let addr = UnixAddr::new(local).map_err(sys("unix address", local.display()))?;
     bind(raw, &addr).map_err(sys("binding", local.display()))?;
     bound.push(local.to_path_buf());
