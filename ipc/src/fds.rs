@@ -26,6 +26,9 @@ pub enum FdError {
         /// Fds that came with it.
         got: usize,
     },
+    /// The fd of `AttachFrameIo{kind: Datagram}` is not a socket.
+    #[error("the datagram frame I/O fd is not a socket ({0})")]
+    NotSocket(String),
     /// An fd that must be an eventfd is something else.
     #[error("the {which} fd is not an eventfd ({target})")]
     NotEventfd {
@@ -43,7 +46,7 @@ impl Request {
             Request::Hello { .. } => "hello",
             Request::SetFeatures { .. } => "set-features",
             Request::SetMemTable { .. } => "set-mem-table",
-            Request::AttachTap => "attach-tap",
+            Request::AttachFrameIo { .. } => "attach-frame-io",
             Request::AttachShared { .. } => "attach-shared",
             Request::StartRing(_) => "start-ring",
             Request::StopRing { .. } => "stop-ring",
@@ -52,13 +55,13 @@ impl Request {
     }
 
     /// How many fds travel beside this request: one per memory region for
-    /// SetMemTable, the TAP queue or the shared region for AttachTap /
+    /// SetMemTable, the frame I/O fd or the shared region for AttachFrameIo /
     /// AttachShared, the ring's eventfds for StartRing
     /// ([`RingConfig::fd_names`]), none otherwise.
     pub fn fds_expected(&self) -> usize {
         match self {
             Request::SetMemTable { regions } => regions.len(),
-            Request::AttachTap | Request::AttachShared { .. } => 1,
+            Request::AttachFrameIo { .. } | Request::AttachShared { .. } => 1,
             Request::StartRing(cfg) => cfg.fd_names().count(),
             Request::Hello { .. }
             | Request::SetFeatures { .. }
@@ -67,10 +70,13 @@ impl Request {
         }
     }
 
-    /// Check the fds that came with this request: their number, and for
+    /// Check the fds that came with this request: their number, for
     /// StartRing that each of them (kick, call, error) is an
     /// anonymous-inode fd ([`check_anon_inode`]; the primary has made sure
-    /// they are eventfds).
+    /// they are eventfds), and for `AttachFrameIo{kind: Datagram}` that the
+    /// fd is a socket (the worker checks it is a datagram one when it takes
+    /// it). A TAP queue is not checked by kind: tests stand in for it with a
+    /// socketpair.
     pub fn check_fds<F: AsFd>(&self, fds: &[F]) -> Result<(), FdError> {
         let expected = self.fds_expected();
         if fds.len() != expected {
@@ -80,10 +86,20 @@ impl Request {
                 got: fds.len(),
             });
         }
-        if let Request::StartRing(cfg) = self {
-            for (fd, which) in fds.iter().zip(cfg.fd_names()) {
-                check_anon_inode(which, fd.as_fd())?;
+        match self {
+            Request::StartRing(cfg) => {
+                for (fd, which) in fds.iter().zip(cfg.fd_names()) {
+                    check_anon_inode(which, fd.as_fd())?;
+                }
             }
+            Request::AttachFrameIo {
+                kind: crate::FrameIoKind::Datagram,
+            } => {
+                for fd in fds {
+                    check_socket(fd.as_fd())?;
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -156,6 +172,19 @@ pub fn check_anon_inode(which: &'static str, fd: BorrowedFd<'_>) -> Result<(), F
     Ok(())
 }
 
+/// Refuse an fd that is not a socket (`fstat` alone, as a sandboxed worker
+/// can).
+pub fn check_socket(fd: BorrowedFd<'_>) -> Result<(), FdError> {
+    let mode = nix::sys::stat::fstat(fd)
+        .map_err(|e| FdError::NotSocket(format!("fstat: {e}")))?
+        .st_mode;
+    let kind = mode & nix::sys::stat::SFlag::S_IFMT.bits();
+    if kind != nix::sys::stat::SFlag::S_IFSOCK.bits() {
+        return Err(FdError::NotSocket(format!("mode {mode:o}")));
+    }
+    Ok(())
+}
+
 /// Refuse an fd that is not an eventfd: an anonymous inode whose name in
 /// `/proc/self/fd` is `anon_inode:[eventfd]` (the primary's check of the
 /// fds a VMM sends).
@@ -216,7 +245,22 @@ mod tests {
         );
         assert!(Request::Shutdown.check_fds(&[eventfd()]).is_err());
         assert!(Request::Shutdown.check_fds::<OwnedFd>(&[]).is_ok());
-        assert_eq!(Request::AttachTap.fds_expected(), 1);
+        let dgram = Request::AttachFrameIo {
+            kind: crate::FrameIoKind::Datagram,
+        };
+        assert_eq!(dgram.fds_expected(), 1);
+        assert!(matches!(
+            dgram.check_fds(&[eventfd()]),
+            Err(FdError::NotSocket(_))
+        ));
+        let (a, _b) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Datagram,
+            None,
+            nix::sys::socket::SockFlag::empty(),
+        )
+        .unwrap();
+        assert!(dgram.check_fds(&[a]).is_ok());
     }
 
     #[test]

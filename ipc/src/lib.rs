@@ -27,5 +27,6 @@ pub use channel::{
 pub use fds::{check_anon_inode, check_eventfd, FdError, RingFds};
 pub use memory_table::MemoryTableError;
 pub use messages::{
-    MemoryRegion, Reply, Request, RingConfig, RingKind, PROTOCOL_VERSION, WORKER_CONTROL_FD,
+    FrameIoKind, MemoryRegion, Reply, Request, RingConfig, RingKind, PROTOCOL_VERSION,
+    WORKER_CONTROL_FD,
 };

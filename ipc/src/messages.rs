@@ -8,10 +8,38 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; bumped on any incompatible change of the types
 /// below. Checked by both sides in the hello exchange.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The fd number at which a worker finds its control socket after `exec`.
 pub const WORKER_CONTROL_FD: i32 = 3;
+
+/// What a queue pair's frame I/O fd is. The one fact the worker needs about
+/// the host side: whether each frame on it carries the virtio-net header.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrameIoKind {
+    /// A TAP queue with IFF_VNET_HDR: one read or write is one frame with
+    /// the virtio-net header in front (the primary sets its length).
+    Tap,
+    /// A connected datagram socket (UDP or unix `SOCK_DGRAM`): one datagram
+    /// is one Ethernet frame and carries no header, as with QEMU's
+    /// `-netdev dgram`.
+    Datagram,
+}
+
+impl FrameIoKind {
+    /// Whether frames on the fd carry the virtio-net header.
+    pub fn carries_vnet_header(self) -> bool {
+        matches!(self, FrameIoKind::Tap)
+    }
+
+    /// A short name, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            FrameIoKind::Tap => "TAP queue",
+            FrameIoKind::Datagram => "datagram socket",
+        }
+    }
+}
 
 /// Which of the two virtqueues of a queue pair a message is about.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,8 +130,13 @@ pub enum Request {
         /// The regions, in the order of their fds.
         regions: Vec<MemoryRegion>,
     },
-    /// The TAP queue fd of this queue pair follows.
-    AttachTap,
+    /// The frame I/O fd of this queue pair follows: a TAP queue or a
+    /// datagram socket, as `kind` says.
+    AttachFrameIo {
+        /// What the fd is, and so whether frames on it carry the virtio-net
+        /// header.
+        kind: FrameIoKind,
+    },
     /// The shared region's fd follows (counters, heartbeat, flow table).
     AttachShared {
         /// Record every frame's flow in the region's flow table.

@@ -17,7 +17,6 @@ use std::fs::File;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 
 use crate::device::{DevResult, Device, Refusal, Vring};
-use crate::features;
 use crate::memory_table::MemoryTable;
 use crate::supervision::Supervisor;
 
@@ -92,15 +91,19 @@ impl Backend {
         self.device.queue_pairs()
     }
 
-    /// SET_FEATURES: the TAP follows the header size and offloads, every
+    /// The virtio features offered to drivers.
+    pub fn offered_features(&self) -> u64 {
+        self.device.offered_features()
+    }
+
+    /// SET_FEATURES: a TAP follows the header size and offloads, every
     /// worker gets the features.
     pub fn set_features(&mut self, f: u64) -> DevResult<()> {
         self.device.set_features(f)?;
-        let tap = self.supervisor.tap();
-        tap.set_header_len(features::header_len(f))
-            .and_then(|()| tap.set_offloads(features::tap_offloads(f)))
+        let host = self.supervisor.host();
+        host.apply_features(f)
             .map_err(|e| Refusal(format!("{e}")))?;
-        let mtu = tap.mtu().unwrap_or(1500);
+        let mtu = host.mtu();
         let req = self
             .device
             .features_request(mtu)
@@ -203,7 +206,7 @@ impl Backend {
 
     /// GET_CONFIG: the virtio-net config space.
     pub fn get_config(&self, offset: u32, size: u32) -> DevResult<Vec<u8>> {
-        let mtu = self.supervisor.tap().mtu().unwrap_or(1500);
+        let mtu = self.supervisor.host().mtu();
         self.device.config_space(offset, size, mtu)
     }
 }

@@ -16,10 +16,13 @@ pub struct Cli {
 }
 
 /// The subcommands.
+// Parsed once per process: the size of `RunArgs` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the primary: serve a VMM on a vhost-user socket, forward through
-    /// a TAP, one worker process per queue pair.
+    /// a TAP (--tap, needs CAP_NET_ADMIN) or datagram sockets (--udp,
+    /// --unix-dgram, need no privilege), one worker process per queue pair.
     Run(RunArgs),
     /// Internal: a queue pair's worker, started by `qpnet run` only.
     Worker(WorkerArgs),
@@ -37,12 +40,9 @@ pub struct RunArgs {
     /// or with --connect connects to a VMM listening there.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
-    /// The TAP interface: created if missing (and removed on exit), or an
-    /// existing multi-queue TAP (`ip tuntap add dev NAME mode tap
-    /// multi_queue vnet_hdr`). Its link is brought up; addresses are yours
-    /// to assign.
-    #[arg(long, value_name = "NAME")]
-    pub tap: String,
+    /// Where frames go: exactly one of --tap, --udp, --unix-dgram.
+    #[command(flatten)]
+    pub host: HostArgs,
     /// Number of queue pairs (1..=16), each served by its own worker
     /// process. Default: the number of CPUs, at most 16.
     #[arg(long, value_name = "N", value_parser = parse_queue_pairs, allow_negative_numbers = true)]
@@ -59,7 +59,8 @@ pub struct RunArgs {
     /// (default: a locally administered address derived from --name).
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     pub mac: Option<[u8; 6]>,
-    /// Base directory for runtime files (default /run/qpnet as root).
+    /// Base directory for runtime files (default /run/qpnet as root, else
+    /// $XDG_RUNTIME_DIR/qpnet, or /tmp/qpnet-UID without it).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
     /// Watchdog: a worker whose heartbeat is older than this while its queue
@@ -97,13 +98,40 @@ pub struct RunArgs {
     pub allow_uid: Option<Vec<u32>>,
 }
 
+/// The host side of `qpnet run`: exactly one is given.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct HostArgs {
+    /// The TAP interface: created if missing (and removed on exit), or an
+    /// existing multi-queue TAP (`ip tuntap add dev NAME mode tap
+    /// multi_queue vnet_hdr`). Its link is brought up; addresses are yours
+    /// to assign. Needs CAP_NET_ADMIN (run as root).
+    #[arg(long, value_name = "NAME")]
+    pub tap: Option<String>,
+    /// UDP sockets instead of a TAP: one Ethernet frame per datagram, no
+    /// header (QEMU's `-netdev dgram,local.type=inet,...,remote.type=inet`).
+    /// Queue pair K binds LOCAL_IP:PORT+K and sends to REMOTE_IP:PORT+K.
+    /// IPv6 as [::1]:PORT. Needs no privilege: with --runtime-dir and
+    /// --socket in a directory you own, qpnet runs as any user.
+    #[arg(long, value_name = "LOCAL_IP:PORT,REMOTE_IP:PORT", value_parser = crate::dgram::parse_udp)]
+    pub udp: Option<crate::dgram::DgramSpec>,
+    /// Unix datagram sockets instead of a TAP (QEMU's `-netdev
+    /// dgram,local.type=unix,...`): qpnet binds LOCAL_PATH and connects to
+    /// REMOTE_PATH, which must be bound already; with more than one queue
+    /// pair, queue pair K uses LOCAL_PATH.K and REMOTE_PATH.K. Needs no
+    /// privilege.
+    #[arg(long, value_name = "LOCAL_PATH,REMOTE_PATH", value_parser = crate::dgram::parse_unix)]
+    pub unix_dgram: Option<crate::dgram::DgramSpec>,
+}
+
 /// Options of `qpnet retry`.
 #[derive(Args, Debug)]
 pub struct RetryArgs {
     /// Instance name (as given to `qpnet run --name`).
     #[arg(long, value_name = "NAME", default_value = "qpnet")]
     pub name: String,
-    /// Base directory for runtime files (default /run/qpnet as root).
+    /// Base directory for runtime files (default /run/qpnet as root, else
+    /// $XDG_RUNTIME_DIR/qpnet, or /tmp/qpnet-UID without it).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
 }
@@ -142,7 +170,8 @@ pub struct StatsArgs {
     /// How many flows to list, largest first (0: none).
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
-    /// Base directory for runtime files (default /run/qpnet as root).
+    /// Base directory for runtime files (default /run/qpnet as root, else
+    /// $XDG_RUNTIME_DIR/qpnet, or /tmp/qpnet-UID without it).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
 }

@@ -50,6 +50,9 @@ pub struct DeviceConfig {
     pub queue_pairs: u16,
     /// MAC address reported in the config space.
     pub mac: [u8; 6],
+    /// The virtio features offered (they depend on the host side, see
+    /// `frame_io::offered_features`).
+    pub offered: u64,
 }
 
 /// Ring addresses in the VMM's virtual address space.
@@ -120,6 +123,11 @@ impl Device {
     /// Forget everything the VMM said (it disconnected or reset the device).
     pub fn reset(&mut self) {
         *self = Device::new(self.config.clone());
+    }
+
+    /// The virtio features offered to drivers.
+    pub fn offered_features(&self) -> u64 {
+        self.config.offered
     }
 
     /// Number of queue pairs.
@@ -248,7 +256,7 @@ impl Device {
 
     /// SET_FEATURES: refuse features that were not offered; record them.
     pub fn set_features(&mut self, features: u64) -> DevResult<()> {
-        let unknown = features & !features::OFFERED;
+        let unknown = features & !self.config.offered;
         if unknown != 0 {
             return refuse(format!(
                 "driver acknowledged features {unknown:#x} that were not offered"

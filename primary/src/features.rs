@@ -31,6 +31,17 @@ pub const OFFERED: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_NET_F_STATUS)
     | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
+/// The offloads among [`OFFERED`]: what a TAP does for the guest
+/// (checksums, segmentation) and a socket backend cannot.
+pub const OFFLOADS: u64 = bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6)
+    | bit(VIRTIO_NET_F_HOST_ECN)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_ECN);
+
 /// vhost-user protocol features offered (REPLY_ACK is added by the vhost
 /// crate itself).
 pub fn protocol_offered() -> VhostUserProtocolFeatures {

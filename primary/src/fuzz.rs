@@ -45,7 +45,7 @@ const MAX_PAYLOAD: usize = 0x1100;
 const REQUESTS: [&str; 8] = [
     "hello",
     "attach-shared",
-    "attach-tap",
+    "attach-frame-io",
     "set-features",
     "set-mem-table",
     "start-ring",
@@ -148,7 +148,7 @@ impl Bed {
         let world = Shared::default();
         let tap = Tap::from_queues("qpnet-none", (0..queue_pairs).map(|_| eventfd()).collect());
         let supervisor = Supervisor::new(Instance {
-            tap,
+            host: crate::frame_io::HostSide::Tap(tap),
             shared,
             launcher: Box::new(FakeLauncher(world.clone())),
             // No watchdog: fake workers never beat, and the run must not
@@ -163,6 +163,7 @@ impl Bed {
         let device = Device::new(DeviceConfig {
             queue_pairs,
             mac: [2, 0, 0, 0, 0, 1],
+            offered: crate::features::OFFERED,
         });
         let dev = Arc::new(Mutex::new(VhostUserDevice {
             backend: Backend::new(device, supervisor),

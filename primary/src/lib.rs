@@ -9,7 +9,9 @@ mod access;
 mod backend;
 mod cli;
 mod device;
+mod dgram;
 mod features;
+mod frame_io;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;

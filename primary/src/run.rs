@@ -15,6 +15,8 @@ use crate::access::{self, Access};
 use crate::backend::Backend;
 use crate::cli::{self, RunArgs};
 use crate::device::{Device, DeviceConfig};
+use crate::dgram::DgramSockets;
+use crate::frame_io::HostSide;
 use crate::runtime::{self, RuntimeDir};
 use crate::server::{self, Endpoint, Server};
 use crate::supervision::{Instance, Policy, ProcessLauncher, Supervisor, WorkerBinary};
@@ -83,7 +85,9 @@ fn qemu_hint(args: &RunArgs, qp: u16) -> String {
 /// Run the primary until a termination signal.
 pub fn run(args: RunArgs) -> Result<()> {
     runtime::validate_name(&args.name)?;
-    tap::validate_name(&args.tap)?;
+    if let Some(name) = &args.host.tap {
+        tap::validate_name(name)?;
+    }
     let run_as = worker_user(args.worker_user.as_deref())?;
     let socket_group = args
         .socket_group
@@ -94,8 +98,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         allow_uids: args.allow_uid.clone(),
     };
     let qp = args.queue_pairs.unwrap_or_else(cli::default_queue_pairs);
-    if !has_cap_net_admin() {
-        bail!("qpnet run needs CAP_NET_ADMIN to open TAP queues: run it as root (e.g. with sudo)");
+    if args.host.tap.is_some() && !has_cap_net_admin() {
+        bail!("qpnet run --tap needs CAP_NET_ADMIN to open TAP queues: run it as root (e.g. with sudo), or use --udp or --unix-dgram, which need no privilege");
     }
     let base = args
         .runtime_dir
@@ -111,7 +115,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let signals = server::block_signals()?;
     // While it still may (CAP_SYSLOG): to name a worker's forbidden call.
     crate::kernel_log::open();
-    let tap = Tap::open(&args.tap, qp as usize)?;
+    let host = open_host(&args, qp)?;
     let shared = SharedRegion::create_with(
         &runtime::shm_path(rundir.path()),
         qp as usize,
@@ -136,16 +140,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         Endpoint::Listen(l, args.socket.clone())
     };
     log::info!(
-        "instance {:?}: TAP {} ({}), {qp} queue pair(s), socket {}, runtime {}",
+        "instance {:?}: {}, {qp} queue pair(s), socket {}, runtime {}",
         args.name,
-        tap.name(),
-        if tap.created() { "created" } else { "existing" },
+        describe_host(&args, &host, qp),
         args.socket.display(),
         rundir.path().display()
     );
     let device = Device::new(DeviceConfig {
         queue_pairs: qp,
         mac: args.mac.unwrap_or_else(|| cli::mac_from_name(&args.name)),
+        offered: host.offered_features(),
     });
     let policy = Policy {
         watchdog: (args.watchdog_ms > 0)
@@ -154,7 +158,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         crash_window: std::time::Duration::from_secs(args.crash_window_secs.max(1)),
     };
     let supervisor = Supervisor::new(Instance {
-        tap,
+        host,
         shared,
         launcher: Box::new(ProcessLauncher::new(binary, run_as)),
         policy,
@@ -170,6 +174,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (sup, dev) = backend.supervision();
     sup.supervise(dev);
     eprintln!("{}", qemu_hint(&args, qp));
+    if let Some(spec) = args.host.udp.as_ref().or(args.host.unix_dgram.as_ref()) {
+        eprintln!("a QEMU peer on the other end of queue pair K (one netdev per queue pair):");
+        for k in 0..qp {
+            if let Ok(line) = spec.qemu_peer(k, qp) {
+                eprintln!("  {line}");
+            }
+        }
+    }
     let dev = Arc::new(Mutex::new(VhostUserDevice {
         backend,
         reply_lost: false,
@@ -188,6 +200,37 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     drop(rundir);
     exit.map(|_| ())
+}
+
+/// Open the host side the options name: the TAP's queues or one datagram
+/// socket per queue pair.
+fn open_host(args: &RunArgs, qp: u16) -> Result<HostSide> {
+    let h = &args.host;
+    if let Some(name) = &h.tap {
+        return Ok(HostSide::Tap(Tap::open(name, qp as usize)?));
+    }
+    let spec = h
+        .udp
+        .as_ref()
+        .or(h.unix_dgram.as_ref())
+        .context("no --tap, --udp or --unix-dgram")?;
+    let sockets = DgramSockets::open(spec, qp).context("opening the datagram sockets")?;
+    Ok(HostSide::Datagram(sockets))
+}
+
+fn describe_host(args: &RunArgs, host: &HostSide, qp: u16) -> String {
+    match (
+        host,
+        args.host.udp.as_ref().or(args.host.unix_dgram.as_ref()),
+    ) {
+        (HostSide::Tap(t), _) => format!(
+            "TAP {} ({})",
+            t.name(),
+            if t.created() { "created" } else { "existing" }
+        ),
+        (HostSide::Datagram(_), Some(spec)) => spec.describe(qp),
+        (HostSide::Datagram(_), None) => "datagram sockets".to_string(),
+    }
 }
 
 /// `qpnet retry`: signal the primary of instance `name` (SIGUSR1) to retry

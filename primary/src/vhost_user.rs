@@ -175,7 +175,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     }
 
     fn get_features(&mut self) -> VhostResult<u64> {
-        Ok(features::OFFERED)
+        Ok(self.backend.offered_features())
     }
 
     fn set_features(&mut self, f: u64) -> VhostResult<()> {

@@ -16,11 +16,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{anyhow, Context};
 use log::{debug, info, warn};
-use qpnet_ipc::{Channel, IpcError, MemoryRegion, Reply, Request, RingKind};
+use qpnet_ipc::{Channel, FrameIoKind, IpcError, MemoryRegion, Reply, Request, RingKind};
 use qpnet_shared::SharedRegion;
 
+use crate::datagram::Datagram;
 use crate::events::Events;
 use crate::features::NetFeatures;
+use crate::frame_io::FrameIo;
 use crate::guest_memory::GuestMemoryMap;
 use crate::queue_pair::QueuePair;
 use crate::tap::Tap;
@@ -123,7 +125,7 @@ impl Control {
                 header_len,
             } => set_features(qp, features, max_rx_frame, header_len),
             Request::SetMemTable { regions } => set_mem_table(qp, &regions, fds, events),
-            Request::AttachTap => attach_tap(qp, fds, events),
+            Request::AttachFrameIo { kind } => attach_frame_io(qp, kind, fds, events),
             Request::AttachShared { flow_tracking } => {
                 qp.set_flow_tracking(flow_tracking);
                 attach_shared(qp, fds)
@@ -223,14 +225,24 @@ fn set_mem_table(
     ))
 }
 
-fn attach_tap(qp: &mut QueuePair, fds: Vec<OwnedFd>, events: &mut Events) -> Result<(), String> {
+fn attach_frame_io(
+    qp: &mut QueuePair,
+    kind: FrameIoKind,
+    fds: Vec<OwnedFd>,
+    events: &mut Events,
+) -> Result<(), String> {
     let fd = fds
         .into_iter()
         .next()
-        .ok_or_else(|| "AttachTap without an fd".to_string())?;
-    let tap = Tap::attach(fd).map_err(|e| format!("TAP fd refused: {e}"))?;
-    qp.attach_io(Box::new(tap), events)?;
-    info!("qp{}: TAP queue attached", qp.index());
+        .ok_or_else(|| "AttachFrameIo without an fd".to_string())?;
+    let io: Box<dyn FrameIo> = match kind {
+        FrameIoKind::Tap => Box::new(Tap::attach(fd).map_err(|e| format!("TAP fd refused: {e}"))?),
+        FrameIoKind::Datagram => {
+            Box::new(Datagram::attach(fd).map_err(|e| format!("datagram socket refused: {e}"))?)
+        }
+    };
+    qp.attach_io(io, events)?;
+    info!("qp{}: {} attached", qp.index(), kind.name());
     Ok(())
 }
 

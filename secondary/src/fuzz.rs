@@ -503,7 +503,7 @@ impl FakeIo {
 }
 
 impl FrameIo for FakeIo {
-    fn write_frame(&self, frame: &IoVecs<'_>) -> io::Result<usize> {
+    fn write_frame(&self, frame: &IoVecs<'_>, _header: usize) -> io::Result<usize> {
         let fate = Self::next(&self.writes);
         if fate & self.tx_blocks != 0 {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -526,7 +526,7 @@ impl FrameIo for FakeIo {
         Ok(total as usize)
     }
 
-    fn read_frame(&self, bufs: &IoVecs<'_>, from: usize) -> io::Result<usize> {
+    fn read_frame(&self, bufs: &IoVecs<'_>, from: usize, _header: usize) -> io::Result<usize> {
         let frame = self.next_frame()?;
         // Like a TAP's readv: as much of the frame as fits, its full length.
         if let Some(list) = bufs.as_slice().get(from..) {
@@ -537,7 +537,7 @@ impl FrameIo for FakeIo {
         Ok(frame.len())
     }
 
-    fn read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
+    fn read_into(&self, buf: &mut [u8], _header: usize) -> io::Result<usize> {
         let frame = self.next_frame()?;
         let n = frame.len().min(buf.len());
         buf[..n].copy_from_slice(&frame[..n]);

@@ -14,7 +14,8 @@
 //! `rx` (frame I/O -> ring) queues run through `ring` (virtqueue and
 //! notifications), `chain` (descriptor walking), `iovecs` and `guest_memory`
 //! (mapping and address translation), `flows` (flow tracking), and
-//! `frame_io`, the trait behind which `tap` sits.
+//! `frame_io`, the trait behind which `tap` (a TAP queue) and `datagram`
+//! (a UDP or unix datagram socket) sit.
 //!
 //! With the `test-utils` feature, [`test_util`] is the project's guest memory
 //! and split-ring driver for tests of other crates.
@@ -23,6 +24,7 @@
 mod chain;
 mod control;
 mod counters;
+mod datagram;
 mod events;
 mod features;
 mod flows;

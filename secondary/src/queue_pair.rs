@@ -21,7 +21,8 @@ use log::{error, info, warn};
 use qpnet_ipc::{RingConfig, RingKind};
 use qpnet_shared::SharedRegion;
 
-use crate::counters::{LocalCounters, StatsHome};
+use crate::counters::{LocalCounters, StatsHome, Tally};
+use crate::datagram::PeerFault;
 use crate::events::Events;
 use crate::features::NetFeatures;
 use crate::flows::FlowTracker;
@@ -41,6 +42,8 @@ pub struct QueuePair {
     tx: TxQueue,
     rx: RxQueue,
     common: Common,
+    /// Peer errors taken from an error event, for rate-limited logging.
+    peer_errors: Tally,
 }
 
 /// The parts of the queue pair both queues use.
@@ -73,6 +76,7 @@ impl QueuePair {
             index,
             tx: TxQueue::new(index),
             rx: RxQueue::new(index),
+            peer_errors: Tally::default(),
             common: Common {
                 features: NetFeatures::default(),
                 memory: None,
@@ -248,10 +252,34 @@ impl QueuePair {
         self.tx.unblock();
     }
 
+    /// The frame I/O reported an error or hang-up: a pending error of the
+    /// peer (a datagram socket's ICMP port unreachable) is taken, counted
+    /// and the queue goes on; anything else detaches the frame I/O.
+    pub fn on_io_error(&mut self, events: &mut Events) {
+        let Some(io) = self.common.io.as_deref() else {
+            return;
+        };
+        let Some(e) = io.take_error() else {
+            self.detach_io("it reported an error or hang-up", events);
+            return;
+        };
+        match PeerFault::of(&e) {
+            Some(PeerFault::Gone) => self.common.counters.peer_unreachable += 1,
+            Some(PeerFault::TooLarge) => self.common.counters.drop_peer_refused += 1,
+            None => {
+                self.detach_io(&format!("it reported {e}"), events);
+                return;
+            }
+        }
+        if let Some(n) = self.peer_errors.note() {
+            warn!("qp{}: the socket's peer: {e} ({n} so far)", self.index);
+        }
+    }
+
     /// Detach the frame I/O (an error or hang-up on it, or a new one).
     pub fn detach_io(&mut self, why: &str, events: &mut Events) {
         if let Some(io) = self.common.io.take() {
-            warn!("qp{}: TAP queue detached: {why}", self.index);
+            warn!("qp{}: frame I/O detached: {why}", self.index);
             events.remove_io(io.as_ref());
         }
         self.tx.forget_io();

@@ -38,8 +38,9 @@ impl Tap {
 }
 
 impl FrameIo for Tap {
-    /// Interrupted calls are retried.
-    fn write_frame(&self, frame: &IoVecs<'_>) -> io::Result<usize> {
+    /// The TAP takes the header as it is (the primary set its length to
+    /// `header`). Interrupted calls are retried.
+    fn write_frame(&self, frame: &IoVecs<'_>, _header: usize) -> io::Result<usize> {
         let list = frame.as_slice();
         retry(|| {
             // SAFETY: every iovec points into live guest memory of at least
@@ -55,9 +56,10 @@ impl FrameIo for Tap {
         })
     }
 
-    /// A TAP reports a frame's full length even when the buffers were too
-    /// short for it. Interrupted calls are retried.
-    fn read_frame(&self, bufs: &IoVecs<'_>, from: usize) -> io::Result<usize> {
+    /// The TAP writes the header itself. It reports a frame's full length
+    /// even when the buffers were too short for it. Interrupted calls are
+    /// retried.
+    fn read_frame(&self, bufs: &IoVecs<'_>, from: usize, _header: usize) -> io::Result<usize> {
         let list = bufs.as_slice().get(from..).unwrap_or(&[]);
         retry(|| {
             // SAFETY: every iovec points into live, writable guest memory of
@@ -73,7 +75,7 @@ impl FrameIo for Tap {
         })
     }
 
-    fn read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
+    fn read_into(&self, buf: &mut [u8], _header: usize) -> io::Result<usize> {
         loop {
             match nix::unistd::read(&self.fd, buf) {
                 Err(Errno::EINTR) => continue,
@@ -82,18 +84,23 @@ impl FrameIo for Tap {
         }
     }
 
-    /// A poll with zero timeout.
     fn has_frame(&self) -> bool {
-        let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-        matches!(poll(&mut pfd, PollTimeout::ZERO), Ok(n) if n > 0)
-            && pfd[0]
-                .revents()
-                .is_some_and(|r| r.contains(PollFlags::POLLIN))
+        readable(self.fd.as_fd())
     }
 }
 
-/// Run a raw `readv`/`writev` until it is not interrupted.
-fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+/// Whether `fd` is readable now: a poll with zero timeout.
+pub(crate) fn readable(fd: BorrowedFd<'_>) -> bool {
+    let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(poll(&mut pfd, PollTimeout::ZERO), Ok(n) if n > 0)
+        && pfd[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN))
+}
+
+/// Run a raw `readv`/`writev` (or `recvmsg`/`sendmsg`) until it is not
+/// interrupted.
+pub(crate) fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
         let n = call();
         if n >= 0 {

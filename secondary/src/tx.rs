@@ -5,14 +5,16 @@
 //! with one `writev` straight from guest memory, except for the virtio-net
 //! header: it is copied out once, checked against the negotiated offloads
 //! and the frame ([`crate::tx_header`]), and the TAP (IFF_VNET_HDR) gets
-//! that copy. A chain that is refused (bad descriptor, runt, oversized, a
+//! that copy (a datagram socket, which carries no header, skips it). A
+//! frame the socket's peer refuses (EMSGSIZE) or cannot take (gone) is
+//! counted as such. A chain that is refused (bad descriptor, runt, oversized, a
 //! malformed header) or that the frame I/O refuses is
 //! still completed, with length 0, and counted: the guest gets its buffers
 //! back and the queue goes on. Kicks are suppressed while draining and
 //! re-armed at the end; the guest is interrupted at most once per run.
 //!
 //! If the frame I/O is full (`EAGAIN`, which a real TAP practically never
-//! says), the chain is given back and the queue waits until the I/O is
+//! says; a unix datagram peer that reads slowly does), the chain is given back and the queue waits until the I/O is
 //! writable again ([`TxState::Blocked`]), so no frame is lost to
 //! back-pressure.
 
@@ -20,6 +22,7 @@ use log::warn;
 
 use crate::chain::{walk_chain, Access};
 use crate::counters::{LocalCounters, Tally};
+use crate::datagram::PeerFault;
 use crate::features::{ETH_HLEN, MAX_TX_FRAME};
 use crate::iovecs::{IoVecBuf, IoVecs};
 use crate::queue::{PathCtx, RingSlot};
@@ -260,7 +263,9 @@ impl TxRun<'_> {
         let io = ctx.io;
         let written = self
             .frame
-            .with_prefix(hdr.bytes_mut(), |frame| io.write_frame(frame))
+            .with_prefix(hdr.bytes_mut(), |frame| {
+                io.write_frame(frame, header as usize)
+            })
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match written {
             Ok(_) => {
@@ -273,10 +278,14 @@ impl TxRun<'_> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Sent::Blocked,
             Err(e) => {
-                ctx.counters.drop_tap_error += 1;
+                match PeerFault::of(&e) {
+                    Some(PeerFault::Gone) => ctx.counters.peer_unreachable += 1,
+                    Some(PeerFault::TooLarge) => ctx.counters.drop_peer_refused += 1,
+                    None => ctx.counters.drop_tap_error += 1,
+                }
                 if let Some(n) = self.log.io_errors.note() {
                     warn!(
-                        "qp{}: TAP write failed ({n} so far): {e}",
+                        "qp{}: frame I/O write failed ({n} so far): {e}",
                         self.log.queue_pair
                     );
                 }

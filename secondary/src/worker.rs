@@ -102,7 +102,7 @@ impl Worker {
     fn serve_data_path(&mut self, wake: &Wake) {
         let (qp, events) = (&mut self.qp, &mut self.events);
         if wake.io_err && !wake.io_in {
-            qp.detach_io("the TAP queue reported an error or hang-up", events);
+            qp.on_io_error(events);
         }
         if wake.tx_kick {
             self.faults.on_tx_kick(qp.index());

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use qpnet_ipc::{Channel, MemoryRegion, Reply, Request, RingKind, PROTOCOL_VERSION};
+use qpnet_ipc::{Channel, FrameIoKind, MemoryRegion, Reply, Request, RingKind, PROTOCOL_VERSION};
 use qpnet_shared::{QueueStats, SharedRegion};
 
 use crate::test_util::{
@@ -122,7 +122,13 @@ fn version_mismatch_is_refused_and_fatal() {
 #[test]
 fn requests_before_hello_and_bad_fd_counts_refused() {
     let h = Harness::spawn();
-    h.refused(&Request::AttachTap, &[], "fds");
+    h.refused(
+        &Request::AttachFrameIo {
+            kind: FrameIoKind::Tap,
+        },
+        &[],
+        "fds",
+    );
     h.refused(&Request::Shutdown, &[], "Hello");
     let h2 = Harness::greeted();
     let (a, _b) = dgram_fds();
@@ -229,7 +235,12 @@ fn frames_flow_both_ways_and_counters_are_shared() {
         &[],
     );
     h.mem_table(&m);
-    h.ok(&Request::AttachTap, &[tap_fd.as_fd()]);
+    h.ok(
+        &Request::AttachFrameIo {
+            kind: FrameIoKind::Tap,
+        },
+        &[tap_fd.as_fd()],
+    );
 
     // TX: a frame queued before the ring starts goes out at start.
     let mut tx = m.ring(64);
@@ -319,7 +330,12 @@ fn rx_waits_for_buffers_without_dropping() {
         &[],
     );
     h.mem_table(&m);
-    h.ok(&Request::AttachTap, &[tap_fd.as_fd()]);
+    h.ok(
+        &Request::AttachFrameIo {
+            kind: FrameIoKind::Tap,
+        },
+        &[tap_fd.as_fd()],
+    );
     let mut rx = m.ring(16);
     h.ok(
         &Request::StartRing(rx.config(RingKind::Rx)),
@@ -343,7 +359,12 @@ fn broken_ring_is_stopped_and_reports_its_position() {
     let (tap_fd, peer_fd) = dgram_fds();
     let peer = Peer::new(peer_fd);
     h.mem_table(&m);
-    h.ok(&Request::AttachTap, &[tap_fd.as_fd()]);
+    h.ok(
+        &Request::AttachFrameIo {
+            kind: FrameIoKind::Tap,
+        },
+        &[tap_fd.as_fd()],
+    );
     let mut tx = m.ring(16);
     h.ok(
         &Request::StartRing(tx.config(RingKind::Tx)),
@@ -380,7 +401,12 @@ fn memory_swap_keeps_rings_or_stops_the_ones_outside() {
     let (tap_fd, peer_fd) = dgram_fds();
     let peer = Peer::new(peer_fd);
     h.mem_table(&m);
-    h.ok(&Request::AttachTap, &[tap_fd.as_fd()]);
+    h.ok(
+        &Request::AttachFrameIo {
+            kind: FrameIoKind::Tap,
+        },
+        &[tap_fd.as_fd()],
+    );
     let mut tx = m.ring(16);
     h.ok(
         &Request::StartRing(tx.config(RingKind::Tx)),
@@ -421,3 +447,6 @@ fn memory_swap_keeps_rings_or_stops_the_ones_outside() {
         "memory table",
     );
 }
+
+/// A worker on a datagram socket (the socket backend).
+mod datagram;

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qpnet_ipc::{Channel, Reply, Request, RingKind, PROTOCOL_VERSION};
+use qpnet_ipc::{Channel, FrameIoKind, Reply, Request, RingKind, PROTOCOL_VERSION};
 use qpnet_secondary::test_util::{
     desc, dgram_fds, serve_worker, wait_for, BumpAllocator, GuestMemory, Peer, RegionLayout,
     RingDriver, RingLayout, UsedElem, F_WRITE,
@@ -59,7 +59,16 @@ fn a_worker_driven_with_the_public_kit_moves_frames_both_ways() {
     assert_eq!(call(&ours, &table, &mem.fds()), Reply::Ok);
     let (tap, peer) = dgram_fds();
     let peer = Peer::new(peer);
-    assert_eq!(call(&ours, &Request::AttachTap, &[tap.as_fd()]), Reply::Ok);
+    assert_eq!(
+        call(
+            &ours,
+            &Request::AttachFrameIo {
+                kind: FrameIoKind::Tap
+            },
+            &[tap.as_fd()]
+        ),
+        Reply::Ok
+    );
     start(&ours, &tx, RingKind::Tx);
     start(&ours, &rx, RingKind::Rx);
 

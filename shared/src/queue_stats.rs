@@ -89,14 +89,14 @@ macro_rules! queue_stats {
 
 queue_stats! {
     packet {
-        tx_frames: "Frames taken from the TX ring and written to the TAP.",
+        tx_frames: "Frames taken from the TX ring and written to the TAP or socket.",
         tx_bytes: "Bytes of TX frames (without the virtio-net header).",
-        rx_frames: "Frames read from the TAP and put in the RX ring.",
+        rx_frames: "Frames read from the TAP or socket and put in the RX ring.",
         rx_bytes: "Bytes of RX frames (without the virtio-net header).",
-        drop_too_large: "RX frames cut short: the guest's buffers were too small.",
+        drop_too_large: "RX frames (or datagrams) dropped: larger than the guest's buffers.",
         drop_bad_descriptor: "Chains refused because a descriptor was invalid (out of guest memory, looping, wrong direction, too long).",
         drop_runt: "TX chains shorter than the virtio-net header.",
-        drop_tap_error: "Frames the TAP refused on write.",
+        drop_tap_error: "Frames the TAP or socket refused on write, or reads of it that failed.",
         drop_hdr_flags: "TX frames dropped: virtio-net header flags not allowed (unknown bits, or NEEDS_CSUM without checksum offload).",
         drop_hdr_gso: "TX frames dropped: a GSO type that is unknown or was not negotiated.",
         drop_hdr_gso_size: "TX frames dropped: a GSO type with gso_size 0.",
@@ -108,6 +108,9 @@ queue_stats! {
         interrupts: "Interrupts sent to the guest.",
         batches: "Wake-ups that moved at least one frame.",
         ring_faults: "Rings stopped because the guest made them unusable (also signalled on the ring's SET_VRING_ERR eventfd).",
+        drop_rx_short: "RX frames dropped: empty or shorter than an Ethernet header (a socket peer's datagram of 0 to 13 bytes).",
+        drop_peer_refused: "TX frames dropped: the socket refused them as too large for the peer (EMSGSIZE).",
+        peer_unreachable: "Times the socket's peer was not there (ECONNREFUSED, ENOENT, ENOTCONN); a TX frame is dropped, RX goes on.",
     }
     supervision {
         /// Worker heartbeat: CLOCK_MONOTONIC nanoseconds of its last loop turn.
@@ -153,13 +156,13 @@ impl QueueStats {
     }
 }
 
-// The layout every process of an instance agrees on (LAYOUT_VERSION 4).
+// The layout every process of an instance agrees on (LAYOUT_VERSION 5).
 const _: () = assert!(std::mem::size_of::<QueueStats>() == 256);
 const _: () = assert!(std::mem::size_of::<QueueStats>().is_multiple_of(64));
 const _: () = assert!(std::mem::align_of::<QueueStats>() == 64);
-const _: () = assert!(std::mem::offset_of!(QueueStats, heartbeat_ns) == 19 * 8);
-const _: () = assert!(std::mem::offset_of!(QueueStats, flows_created) == 22 * 8);
-const _: () = assert!(QUEUE_COUNTERS.len() == 24);
+const _: () = assert!(std::mem::offset_of!(QueueStats, heartbeat_ns) == 22 * 8);
+const _: () = assert!(std::mem::offset_of!(QueueStats, flows_created) == 25 * 8);
+const _: () = assert!(QUEUE_COUNTERS.len() == 27);
 
 #[cfg(test)]
 mod tests {
@@ -172,7 +175,7 @@ mod tests {
             (c.field)(&q).store(i as u64 + 1, Ordering::Relaxed);
         }
         assert_eq!(QueueStats::get(&q.tx_frames), 1);
-        assert_eq!(QueueStats::get(&q.flow_affinity_misses), 24);
+        assert_eq!(QueueStats::get(&q.flow_affinity_misses), 27);
         assert_eq!(
             QUEUE_COUNTERS[CounterId::flows_expired as usize].name,
             "flows_expired"
@@ -193,7 +196,9 @@ mod tests {
                 "drop_hdr_gso",
                 "drop_hdr_gso_size",
                 "drop_hdr_len",
-                "drop_hdr_csum"
+                "drop_hdr_csum",
+                "drop_rx_short",
+                "drop_peer_refused"
             ]
         );
     }

@@ -60,6 +60,11 @@ pub struct Options {
     pub connect_to: Option<PathBuf>,
     /// An fd of this process that qpnet inherits at the same number.
     pub inherit_fd: Option<RawFd>,
+    /// The host side instead of `--tap TAP` (e.g. `["--udp", "A,B"]`).
+    pub host: Option<Vec<String>>,
+    /// Run qpnet as this user (through `setpriv`, with no capability), with
+    /// its socket and `--runtime-dir` in a directory that user owns.
+    pub user: Option<String>,
 }
 
 impl Options {
@@ -69,6 +74,20 @@ impl Options {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ..Options::default()
         }
+    }
+
+    /// Options with this host side instead of `--tap TAP`.
+    pub fn host(args: &[&str]) -> Options {
+        Options {
+            host: Some(args.iter().map(|s| s.to_string()).collect()),
+            ..Options::default()
+        }
+    }
+
+    /// And run as `user` (unprivileged).
+    pub fn as_user(mut self, user: &str) -> Options {
+        self.user = Some(user.into());
+        self
     }
 
     /// And this environment variable.
@@ -100,6 +119,8 @@ pub struct Qpnet {
     dir: PathBuf,
     stderr_path: PathBuf,
     queue_pairs: u16,
+    /// `--runtime-dir` when not the default.
+    run_base: Option<PathBuf>,
     stopped: bool,
 }
 
@@ -128,11 +149,29 @@ impl Qpnet {
         let stderr_path = dir.join("qpnet.stderr");
         let stderr = File::create(&stderr_path)?;
         let qp = queue_pairs.to_string();
-        let mut cmd = ns.command(qpnet_binary()?);
+        let host = opts
+            .host
+            .clone()
+            .unwrap_or_else(|| vec!["--tap".into(), tap.into()]);
+        let run_base = match &opts.user {
+            Some(user) => Some(user_owned_dirs(&dir, user)?),
+            None => None,
+        };
+        let mut cmd = match &opts.user {
+            Some(user) => {
+                let mut c = ns.command("setpriv");
+                c.args(["--reuid", user, "--regid", &group_of(user)?])
+                    .args(["--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+                    .arg(qpnet_binary()?);
+                c
+            }
+            None => ns.command(qpnet_binary()?),
+        };
         cmd.arg("run")
             .arg("--socket")
             .arg(&socket)
-            .args(["--tap", tap, "--queue-pairs", &qp, "--name", &name])
+            .args(&host)
+            .args(["--queue-pairs", &qp, "--name", &name])
             .args(&opts.extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -140,6 +179,9 @@ impl Qpnet {
             .stderr(stderr);
         if opts.connect_to.is_some() {
             cmd.arg("--connect");
+        }
+        if let Some(base) = &run_base {
+            cmd.arg("--runtime-dir").arg(base);
         }
         for (k, v) in &opts.env {
             cmd.env(k, v);
@@ -179,6 +221,7 @@ impl Qpnet {
             dir,
             stderr_path,
             queue_pairs,
+            run_base,
             stopped: false,
         };
         let up = if q.owns_socket {
@@ -236,9 +279,13 @@ impl Qpnet {
         &self.name
     }
 
-    /// The instance's runtime directory (`/run/qpnet/NAME`).
+    /// The instance's runtime directory (`/run/qpnet/NAME`, or under the
+    /// `--runtime-dir` of an unprivileged run).
     pub fn runtime_dir(&self) -> PathBuf {
-        Path::new(RUN_DIR).join(&self.name)
+        self.run_base
+            .as_deref()
+            .unwrap_or(Path::new(RUN_DIR))
+            .join(&self.name)
     }
 
     /// Queue pairs it was started with.
@@ -308,7 +355,11 @@ impl Qpnet {
 
     /// Run `qpnet stats --name NAME ARGS` and capture its output.
     pub fn stats_command(&self, args: &[&str]) -> Result<Output> {
+        let base = self.run_base.as_ref().map(|b| b.display().to_string());
         let mut all = vec!["stats", "--name", &self.name];
+        if let Some(base) = &base {
+            all.extend_from_slice(&["--runtime-dir", base]);
+        }
         all.extend_from_slice(args);
         run_qpnet(&all)
     }
@@ -449,6 +500,25 @@ impl Drop for Qpnet {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Give `dir` (the instance's temp directory, where its socket goes) to
+/// `user` and make a runtime base there that `user` owns; returns the base.
+fn user_owned_dirs(dir: &Path, user: &str) -> Result<PathBuf> {
+    let u = nix::unistd::User::from_name(user)?.with_context(|| format!("no user {user}"))?;
+    let base = dir.join("run");
+    std::fs::create_dir_all(&base)?;
+    for d in [dir, base.as_path()] {
+        nix::unistd::chown(d, Some(u.uid), Some(u.gid))
+            .with_context(|| format!("chown {} to {user}", d.display()))?;
+    }
+    Ok(base)
+}
+
+/// The numeric primary group of `user`.
+fn group_of(user: &str) -> Result<String> {
+    let u = nix::unistd::User::from_name(user)?.with_context(|| format!("no user {user}"))?;
+    Ok(u.gid.as_raw().to_string())
 }
 
 #[cfg(test)]

@@ -379,7 +379,17 @@ fn help_exists_for_every_subcommand() -> Result<()> {
         (&["--help"], &["run", "stats", "retry"]),
         (
             &["run", "--help"],
-            &["--socket", "--tap", "--queue-pairs", "--connect", "--name"],
+            &[
+                "--socket",
+                "--tap",
+                "--udp",
+                "--unix-dgram",
+                "needs CAP_NET_ADMIN",
+                "need no privilege",
+                "--queue-pairs",
+                "--connect",
+                "--name",
+            ],
         ),
         (&["stats", "--help"], &["--name", "--json", "--prometheus"]),
         (&["retry", "--help"], &["--name", "--runtime-dir", "retry"]),
@@ -446,4 +456,75 @@ fn stats_prints_counters_and_refuses_unknown_instances() -> Result<()> {
         &[&missing],
     )?;
     bed.finish()
+}
+
+/// `qpnet run` takes exactly one host side: none, two, or a malformed
+/// `--udp` / `--unix-dgram` is a usage error that names the options; a unix
+/// peer that is not there is refused before anything is served.
+#[test]
+fn host_side_mistakes_are_refused() -> Result<()> {
+    let ns = NetNs::new()?;
+    let sock = temp_socket();
+    let name = unique_name();
+    let base = [
+        "--socket",
+        sock.to_str().unwrap(),
+        "--queue-pairs",
+        "1",
+        "--name",
+        &name,
+    ];
+    let with = |extra: &[&str]| -> Result<Output> {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        run_in(&ns, &args)
+    };
+    let out = with(&[])?;
+    ensure_exit(
+        "no --tap, --udp or --unix-dgram",
+        &out,
+        EXIT_USAGE,
+        &["--tap", "--udp", "--unix-dgram"],
+    )?;
+    let out = with(&["--tap", TAP_NAME, "--udp", "127.0.0.1:5000,127.0.0.1:6000"])?;
+    ensure_exit(
+        "--tap and --udp together",
+        &out,
+        EXIT_USAGE,
+        &["--tap", "--udp", "cannot be used with"],
+    )?;
+    let out = with(&["--udp", "127.0.0.1:5000"])?;
+    ensure_exit(
+        "--udp without a remote address",
+        &out,
+        EXIT_USAGE,
+        &["--udp", "LOCAL_IP:PORT,REMOTE_IP:PORT"],
+    )?;
+    let out = with(&["--udp", "127.0.0.1:5000,[::1]:6000"])?;
+    ensure_exit(
+        "--udp mixing IPv4 and IPv6",
+        &out,
+        EXIT_USAGE,
+        &["must both be IPv4 or both IPv6"],
+    )?;
+    let out = with(&["--udp", "localhost:5000,127.0.0.1:6000"])?;
+    ensure_exit(
+        "--udp with a host name",
+        &out,
+        EXIT_USAGE,
+        &["is not IP:PORT"],
+    )?;
+    let dir = std::env::temp_dir().join(unique_name());
+    std::fs::create_dir_all(&dir)?;
+    let spec = format!("{},{}", dir.join("a").display(), dir.join("b").display());
+    let out = with(&["--unix-dgram", &spec])?;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure_exit(
+        "--unix-dgram to a path nobody is bound to",
+        &out,
+        EXIT_ERROR,
+        &["nobody is bound to", "start the peer first"],
+    )?;
+    ensure!(!sock.exists(), "the socket was created anyway");
+    ensure_no_runtime_dir("host side mistakes", &name)
 }

@@ -39,7 +39,7 @@ use qpnet_ipc::Request;
 use qpnet_shared::SharedRegion;
 
 use crate::device::{DevResult, Device};
-use crate::tap::Tap;
+use crate::frame_io::HostSide;
 use link::Launch;
 pub use policy::Policy;
 pub use process::{ProcessLauncher, WorkerBinary};
@@ -48,8 +48,8 @@ use queue_pair::QueuePair;
 /// What every queue pair's worker is started with: the instance's resources
 /// and settings.
 pub struct Instance {
-    /// The TAP (one queue fd per queue pair).
-    pub tap: Tap,
+    /// The host side: a TAP or datagram sockets (one fd per queue pair).
+    pub host: HostSide,
     /// The shared region (counters, worker status, flow table).
     pub shared: SharedRegion,
     /// Starts workers.
@@ -77,9 +77,9 @@ impl Supervisor {
         }
     }
 
-    /// The TAP.
-    pub fn tap(&self) -> &Tap {
-        &self.instance.tap
+    /// The host side.
+    pub fn host(&self) -> &HostSide {
+        &self.instance.host
     }
 
     /// The shared region.

@@ -362,7 +362,7 @@ impl QueuePair {
         }
         pending(0)
             && inst
-                .tap
+                .host
                 .queue(self.index as usize)
                 .is_some_and(|fd| fd_readable(fd.as_fd()))
     }
@@ -462,12 +462,13 @@ impl QueuePair {
             flow_tracking: inst.flow_tracking,
         };
         self.call_ok(&shared, &[inst.shared.fd()])?;
-        let tap = inst
-            .tap
+        let kind = inst.host.kind();
+        let fd = inst
+            .host
             .queue(qp as usize)
-            .ok_or_else(|| CallError::Refused(format!("no TAP queue for queue pair {qp}")))?;
-        self.call_ok(&Request::AttachTap, &[tap.as_fd()])?;
-        if let Some(req) = dev.features_request(inst.tap.mtu().unwrap_or(1500)) {
+            .ok_or_else(|| CallError::Refused(format!("no {} for queue pair {qp}", kind.name())))?;
+        self.call_ok(&Request::AttachFrameIo { kind }, &[fd.as_fd()])?;
+        if let Some(req) = dev.features_request(inst.host.mtu()) {
             self.call_ok(&req, &[])?;
         }
         if let Some((req, fds)) = dev.mem_table_request() {

@@ -78,7 +78,7 @@ pub(super) fn bed(queue_pairs: u16) -> Bed {
             .collect(),
     );
     let supervisor = Supervisor::new(Instance {
-        tap,
+        host: crate::frame_io::HostSide::Tap(tap),
         shared,
         launcher: Box::new(FakeLauncher(world.clone())),
         policy: policy(),
@@ -87,6 +87,7 @@ pub(super) fn bed(queue_pairs: u16) -> Bed {
     let device = Device::new(DeviceConfig {
         queue_pairs,
         mac: [2, 0, 0, 0, 0, 1],
+        offered: crate::features::OFFERED,
     });
     let mem = nix::sys::memfd::memfd_create(c"guest", nix::sys::memfd::MFdFlags::empty()).unwrap();
     nix::unistd::ftruncate(&mem, MEM as i64).unwrap();
@@ -243,7 +244,7 @@ pub(super) fn names(reqs: &[Request]) -> Vec<&'static str> {
 pub(super) const FULL_START: [&str; 6] = [
     "hello",
     "attach-shared",
-    "attach-tap",
+    "attach-frame-io",
     "set-mem-table",
     "start-ring",
     "start-ring",

@@ -311,7 +311,7 @@ fn a_vmm_disconnect_stops_the_rings_and_workers_forget_guest_memory() {
     );
     assert_eq!(
         names(&bed.got(bed.current(1))),
-        ["hello", "attach-shared", "attach-tap"],
+        ["hello", "attach-shared", "attach-frame-io"],
         "no memory, no rings"
     );
 }

@@ -43,14 +43,13 @@ impl RxRun<'_> {
             // Only on the first bounce after a feature change.
             bounce.buf.resize(size, 0);
         }
-        let n = match self.ctx.io.read_into(&mut bounce.buf) {
+        let n = match self
+            .ctx
+            .io
+            .read_into(&mut bounce.buf, features.header_len as usize)
+        {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Received::Empty,
-            Err(e) => {
-                self.ctx.counters.drop_tap_error += 1;
-                self.log.dropped(format_args!("TAP read failed: {e}"));
-                return Received::Failed;
-            }
+            Err(e) => return self.read_failed(&e),
         };
         if n > size {
             self.ctx.counters.drop_too_large += 1;
@@ -58,12 +57,10 @@ impl RxRun<'_> {
                 .dropped(format_args!("frame of {n} bytes, the limit is {size}"));
             return Received::Frame;
         }
-        if n < features.header_len as usize {
-            self.ctx.counters.drop_tap_error += 1;
-            self.log.dropped(format_args!("TAP gave a {n}-byte frame"));
+        if self.refuse_short(n as u64) {
             return Received::Frame;
         }
-        bounce.held = Some(n);
+        self.bounce.held = Some(n);
         Received::Bounced
     }
 

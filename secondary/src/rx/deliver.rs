@@ -2,11 +2,13 @@
 //! guest buffers, write `num_buffers` into its header, and complete the
 //! chains it filled, all together.
 //!
-//! A frame longer than the buffers (the frame I/O reports its full length)
-//! or shorter than a virtio-net header is dropped and counted; the buffers
+//! A frame longer than the buffers (the frame I/O reports its full length),
+//! shorter than a virtio-net header, or empty (a datagram of 0 bytes) is
+//! dropped and counted; the buffers
 //! stay taken for the next frame, so the guest loses nothing but that frame.
 
-use crate::features::NUM_BUFFERS_OFFSET;
+use crate::datagram::PeerFault;
+use crate::features::{ETH_HLEN, NUM_BUFFERS_OFFSET};
 use crate::ring::RingFault;
 use qpnet_shared::Direction;
 
@@ -16,16 +18,15 @@ impl RxRun<'_> {
     /// Read one frame into the taken chains and complete the ones it used.
     pub(super) fn receive_one(&mut self) -> Result<Received, RingFault> {
         let from = self.bufs.pending_iovecs().start;
-        let n = match self.ctx.io.read_frame(&self.bufs.iov, from) {
-            Ok(n) => n as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Received::Empty),
-            Err(e) => {
-                self.ctx.counters.drop_tap_error += 1;
-                self.log.dropped(format_args!("TAP read failed: {e}"));
-                return Ok(Received::Failed);
-            }
-        };
         let header = u64::from(self.ctx.features.header_len);
+        let n = match self
+            .ctx
+            .io
+            .read_frame(&self.bufs.iov, from, header as usize)
+        {
+            Ok(n) => n as u64,
+            Err(e) => return Ok(self.read_failed(&e)),
+        };
         let capacity = self.bufs.capacity();
         if n > capacity {
             // The buffers stay taken for the next frame.
@@ -35,13 +36,50 @@ impl RxRun<'_> {
             ));
             return Ok(Received::Frame);
         }
-        if n < header {
-            self.ctx.counters.drop_tap_error += 1;
-            self.log.dropped(format_args!("TAP gave a {n}-byte frame"));
+        if self.refuse_short(n) {
             return Ok(Received::Frame);
         }
         self.complete_frame(n)?;
         Ok(Received::Frame)
+    }
+
+    /// A read failed: nothing waits (`Empty`), the peer is gone (counted;
+    /// the next read may succeed), or the frame I/O failed (counted).
+    pub(super) fn read_failed(&mut self, e: &std::io::Error) -> Received {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Received::Empty;
+        }
+        if PeerFault::of(e) == Some(PeerFault::Gone) {
+            // A connected socket reports an earlier send's ICMP or a closed
+            // unix peer once; the queue keeps reading.
+            self.ctx.counters.peer_unreachable += 1;
+            self.log.dropped(format_args!("the peer is not there: {e}"));
+            return Received::Frame;
+        }
+        self.ctx.counters.drop_tap_error += 1;
+        self.log.dropped(format_args!("frame I/O read failed: {e}"));
+        Received::Failed
+    }
+
+    /// Drop and count a frame of `n` bytes (header included) that is no
+    /// Ethernet frame: shorter than the header (a TAP never gives one), or
+    /// with fewer than 14 bytes after it (a socket peer's empty or runt
+    /// datagram; the guest's driver would only count it as an error).
+    /// Returns whether it was dropped.
+    pub(super) fn refuse_short(&mut self, n: u64) -> bool {
+        let header = u64::from(self.ctx.features.header_len);
+        if n < header {
+            self.ctx.counters.drop_tap_error += 1;
+            self.log.dropped(format_args!("TAP gave a {n}-byte frame"));
+            return true;
+        }
+        if n < header + u64::from(ETH_HLEN) {
+            self.ctx.counters.drop_rx_short += 1;
+            self.log
+                .dropped(format_args!("{} bytes are no Ethernet frame", n - header));
+            return true;
+        }
+        false
     }
 
     /// Complete the chains a frame of `n` bytes (header included) filled,

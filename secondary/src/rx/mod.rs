@@ -2,7 +2,8 @@
 //!
 //! Theory of operation. For each frame the path first takes enough guest
 //! buffers, then reads the frame with one `readv` straight into them (the
-//! TAP writes the virtio-net header itself; we only fill in `num_buffers`).
+//! TAP writes the virtio-net header itself, a datagram socket's frame I/O
+//! writes a zero one; we only fill in `num_buffers`).
 //! The frame's size is unknown before the read, so buffers are taken for
 //! the largest frame the frame I/O may deliver:
 //!
@@ -38,7 +39,8 @@
 //! in the kernel's queue, none is read and dropped) until that kick
 //! ([`RxQueue::on_kick`]).
 //!
-//! A TAP reports a frame's full length even when the buffers were shorter:
+//! The frame I/O reports a frame's full length even when the buffers were
+//! shorter (a TAP does, a socket is read with `MSG_TRUNC`):
 //! `n > capacity` means the frame was cut, so it is dropped and counted, and
 //! the buffers are reused for the next frame.
 //!

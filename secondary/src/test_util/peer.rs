@@ -1,6 +1,6 @@
 //! A stand-in for the TAP: a unix `SOCK_DGRAM` socketpair has the same
 //! one-message-per-frame boundaries, so one end can be handed to a worker
-//! (`AttachTap`) or wrapped as the queue pair's frame I/O, and the test plays
+//! (`AttachFrameIo`) or wrapped as the queue pair's frame I/O, and the test plays
 //! the host's network on the other end ([`Peer`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
