@@ -75,8 +75,24 @@ pub fn group(name: &str) -> Result<Gid> {
     Ok(g.gid)
 }
 
+/// Listen on `path`, the socket file owner-only from its creation (mode
+/// 0600), or 0660 with group `group`.
+pub fn bind_restricted(
+    path: &Path,
+    group: Option<Gid>,
+) -> Result<std::os::unix::net::UnixListener> {
+    // Made owner-only from the start (no moment at the umask's mode), then
+    // opened to the group if asked.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.with_context(|| format!("listening on {}", path.display()))?;
+    restrict_socket(path, group)?;
+    Ok(listener)
+}
+
 /// Restrict the socket file at `path`: mode 0600, or 0660 with group `group`.
-pub fn restrict_socket(path: &Path, group: Option<Gid>) -> Result<()> {
+fn restrict_socket(path: &Path, group: Option<Gid>) -> Result<()> {
     let mode = match group {
         Some(g) => {
             nix::unistd::chown(path, None, Some(g))

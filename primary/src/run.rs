@@ -3,7 +3,7 @@
 //! and clean up on SIGTERM/SIGINT.
 
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -133,10 +133,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let endpoint = if args.connect {
         Endpoint::Connect(args.socket.clone())
     } else {
-        let l = UnixListener::bind(&args.socket)
-            .with_context(|| format!("listening on {}", args.socket.display()))?;
         // Before the first accept: nobody else can have been served.
-        access::restrict_socket(&args.socket, socket_group)?;
+        let l = access::bind_restricted(&args.socket, socket_group)?;
         Endpoint::Listen(l, args.socket.clone())
     };
     log::info!(

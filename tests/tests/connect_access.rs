@@ -112,6 +112,12 @@ fn a_peer_outside_allow_uid_is_refused_and_the_next_vmm_is_served() -> Result<()
     let mut bed = Testbed::with_options(1, &opts)?;
     let r = (|| -> Result<()> {
         let socket = bed.qpnet.socket().to_path_buf();
+        // The socket is 0600 from its creation, 0660 with the group a
+        // moment later (before the first VMM is served).
+        let want = |(m, gid): (u32, u32)| m == 0o660 && gid == group.gid.as_raw();
+        let _ = wait_for("the socket shared with the group", TIMEOUT, || {
+            mode(&socket).is_ok_and(want)
+        });
         let (m, gid) = mode(&socket)?;
         ensure!(
             m == 0o660 && gid == group.gid.as_raw(),
