@@ -51,6 +51,7 @@ pub mod test_util;
 mod worker_tests;
 
 pub use guest_memory::{GuestMemoryMap, MemoryError};
+pub use sandbox::{enter as enter_sandbox, Files, Sandboxed};
 pub use sandbox::{
     keep_only_capabilities, seccomp_kill_unless_allowed, syscall_name, RunAs, SandboxError,
     PRIMARY_CAPABILITIES,
