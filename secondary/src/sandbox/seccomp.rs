@@ -1,6 +1,8 @@
 //! The worker's seccomp allow-list: exactly the system calls a running
-//! worker makes, found by tracing workers through the whole test suite
-//! (`strace -f`) and kept here in one list. Any other call kills the
+//! worker makes, found by tracing workers (`strace -f`) through the
+//! `data_path` tests, then checked by running the whole suite with the
+//! filter in log mode (no call outside it was logged); kept here in one
+//! list. Any other call kills the
 //! process (`SECCOMP_RET_KILL_PROCESS`); the kernel logs it (an audit
 //! record with the PID and the call's number) and the primary, seeing its
 //! worker killed by SIGSYS, logs the call and supervises it like any other
