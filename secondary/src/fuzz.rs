@@ -372,6 +372,37 @@ fn read_table(m: &GuestMemory, addr: u64, entries: u64) -> Option<Vec<Raw>> {
     )
 }
 
+/// The bytes of device-writable buffers in the chain from `first` in
+/// `table`. An indirect descriptor ends it with its table's chain (one of
+/// `tables`, read from guest memory; none inside an indirect table, where
+/// `tables` is empty).
+fn writable_len(table: &[Raw], first: usize, tables: &[(u64, Vec<Raw>)]) -> u64 {
+    let (mut i, mut sum) = (first, 0u64);
+    for _ in 0..=table.len() {
+        let Some(&(addr, len, flags, next)) = table.get(i) else {
+            break;
+        };
+        if flags & F_INDIRECT != 0 {
+            let entries = u64::from(len) / DESC_SIZE;
+            if let Some((_, t)) = tables
+                .iter()
+                .find(|(a, t)| *a == addr && t.len() as u64 == entries)
+            {
+                sum += writable_len(t, 0, &[]);
+            }
+            break;
+        }
+        if flags & F_WRITE != 0 {
+            sum += u64::from(len);
+        }
+        if flags & F_NEXT == 0 {
+            break;
+        }
+        i = usize::from(next);
+    }
+    sum
+}
+
 /// For each head of the RX ring, the bytes of device-writable buffers its
 /// chain holds (an over-estimate for chains the worker refuses), or `None`
 /// when a device-writable buffer overlaps a ring part or an indirect table,
@@ -409,48 +440,8 @@ fn chain_capacities(m: &TestMemory, l: RingLayout) -> Option<Vec<u64>> {
             return None;
         }
     }
-    let sum_chain = |table: &[Raw], first: usize| {
-        let (mut i, mut sum) = (first, 0u64);
-        for _ in 0..=table.len() {
-            let Some(&(_, len, flags, next)) = table.get(i) else {
-                break;
-            };
-            if flags & F_WRITE != 0 {
-                sum += u64::from(len);
-            }
-            if flags & F_NEXT == 0 {
-                break;
-            }
-            i = usize::from(next);
-        }
-        sum
-    };
     let capacity = (0..main.len())
-        .map(|head| {
-            let (mut i, mut sum) = (head, 0u64);
-            for _ in 0..=main.len() {
-                let Some(&(addr, len, flags, next)) = main.get(i) else {
-                    break;
-                };
-                if flags & F_INDIRECT != 0 {
-                    if let Some((_, t)) = tables
-                        .iter()
-                        .find(|(a, t)| *a == addr && t.len() as u64 == u64::from(len) / DESC_SIZE)
-                    {
-                        sum += sum_chain(t, 0);
-                    }
-                    break;
-                }
-                if flags & F_WRITE != 0 {
-                    sum += u64::from(len);
-                }
-                if flags & F_NEXT == 0 {
-                    break;
-                }
-                i = usize::from(next);
-            }
-            sum
-        })
+        .map(|head| writable_len(&main, head, &tables))
         .collect();
     Some(capacity)
 }
