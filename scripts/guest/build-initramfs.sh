@@ -1,7 +1,8 @@
 #!/bin/bash
 # Build the qpnet test guest: a Debian kernel plus a small initramfs holding
 # busybox, iperf3, ethtool (with their shared libraries and the dynamic
-# loader), the virtio-pci/virtio-net modules and scripts/guest/init. The
+# loader), the virtio-pci/virtio-net modules, scripts/guest/init and its
+# DHCP client's event script (scripts/guest/udhcpc.script). The
 # guest's /init reads its instructions from the kernel command line (see
 # scripts/guest/init) and prints QPNET-RESULT lines on the serial console.
 #
@@ -21,6 +22,7 @@ die() {
 OUTDIR=$1
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 INIT_SRC=$HERE/init
+DHCP_SCRIPT=$HERE/udhcpc.script
 MODULES=(virtio_pci virtio_net net_failover failover)
 
 # need CMD PACKAGE: fail naming the Debian package that provides CMD.
@@ -79,6 +81,7 @@ fi
 IPERF3=$(command -v iperf3)
 ETHTOOL=$(command -v ethtool)
 [ -f "$INIT_SRC" ] || die "missing $INIT_SRC"
+[ -f "$DHCP_SCRIPT" ] || die "missing $DHCP_SCRIPT"
 
 KVER=$(pick_kernel_version)
 VMLINUZ=/boot/vmlinuz-$KVER
@@ -94,12 +97,12 @@ mapfile -t LIBS <<<"$LIB_LIST"
 
 # Everything the image is made of; a change to any of them rebuilds it.
 SELF=$HERE/$(basename "${BASH_SOURCE[0]}")
-INPUTS=("$SELF" "$INIT_SRC" "$VMLINUZ" "$BUSYBOX" "$IPERF3" "$ETHTOOL" "${MODS[@]}" "${LIBS[@]}")
+INPUTS=("$SELF" "$INIT_SRC" "$DHCP_SCRIPT" "$VMLINUZ" "$BUSYBOX" "$IPERF3" "$ETHTOOL" "${MODS[@]}" "${LIBS[@]}")
 STAMP=$( (
 	echo "kver=$KVER"
 	printf '%s\n' "${INPUTS[@]}"
 	stat -L -c '%s %Y' "${INPUTS[@]}"
-	cat "$SELF" "$INIT_SRC" | sha256sum
+	cat "$SELF" "$INIT_SRC" "$DHCP_SCRIPT" | sha256sum
 ) | sha256sum | cut -d' ' -f1)
 
 mkdir -p "$OUTDIR"
@@ -165,6 +168,7 @@ echo "$KVER" >"$ROOT/etc/qpnet-kernel"
 printf 'root:x:0:0:root:/:/bin/sh\n' >"$ROOT/etc/passwd"
 printf 'root:x:0:\n' >"$ROOT/etc/group"
 install -m 0755 "$INIT_SRC" "$ROOT/init"
+install -m 0755 "$DHCP_SCRIPT" "$ROOT/etc/udhcpc.script"
 
 (cd "$ROOT" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) |
 	gzip -n -6 >"$OUTDIR/initramfs.cpio.gz.tmp"

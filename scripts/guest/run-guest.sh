@@ -1,11 +1,12 @@
 #!/bin/bash
 # Boot the qpnet test guest under QEMU (TCG) with its virtio-net device backed
-# EITHER by a vhost-user backend (qpnet, or any other) OR by QEMU's own TAP
-# netdev (the in-process baseline), pass it its instructions on the kernel
+# by a vhost-user backend (qpnet, or any other), OR by QEMU's own TAP
+# netdev (the in-process baseline), OR by QEMU's own stream netdev on a unix
+# socket (a peer such as passt, without qpnet), pass it its instructions on the kernel
 # command line, keep its serial console in a log file and exit with its
 # verdict.
 #
-# Usage: scripts/guest/run-guest.sh (--vhost-user SOCK | --tap NAME) [options]
+# Usage: scripts/guest/run-guest.sh (--vhost-user SOCK | --tap NAME | --stream SOCK) [options]
 #   --vhost-user SOCK  QEMU connects to the backend listening on SOCK
 #   --server           with --vhost-user: QEMU listens on SOCK instead
 #                      (server=on,wait=off) and the backend connects
@@ -13,14 +14,18 @@
 #   --tap NAME         QEMU's own -netdev tap on TAP NAME (QEMU sets
 #                      IFF_MULTI_QUEUE only when --queues > 1: a
 #                      multi_queue TAP needs --queues >= 2)
+#   --stream SOCK      QEMU's own -netdev stream, connecting to SOCK (frames
+#                      with a 4-byte length prefix; one queue pair)
 #   --netns NS         run QEMU inside network namespace NS (for --tap)
 #   --queues N         queue pairs (default 1); the guest sets combined N
 #   --tests LIST       guest steps, comma separated (default ping); see init
-#   --ip CIDR          guest address (default 10.77.0.2/24)
+#   --ip CIDR          guest address (default 10.77.0.2/24; none: no static
+#                      address, for the dhcp step)
 #   --peer ADDR        host side address (default 10.77.0.1)
 #   --secs S           iperf3 seconds (default 5)
 #   --streams P        iperf3 parallel streams (default 4)
 #   --pingwait S       seconds the guest waits for a first ping reply (60)
+#   --dhcptries N      DHCP discovers, a second apart, before dhcp fails (30)
 #   --mac MAC          guest MAC (default 52:54:00:77:00:02)
 #   --smp N            vCPUs (default 1)
 #   --log FILE         serial console log (default: a new file under /tmp)
@@ -43,8 +48,8 @@ die() {
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 
-VHOST_SOCK="" SERVER=0 RECONNECT="" TAP="" NETNS="" QUEUES=1 TESTS=ping
-IP=10.77.0.2/24 PEER=10.77.0.1 SECS=5 STREAMS=4 PINGWAIT=60
+VHOST_SOCK="" SERVER=0 RECONNECT="" TAP="" STREAM_SOCK="" NETNS="" QUEUES=1 TESTS=ping
+IP=10.77.0.2/24 PEER=10.77.0.1 SECS=5 STREAMS=4 PINGWAIT=60 DHCPTRIES=30
 MAC=52:54:00:77:00:02 SMP=1 LOG="" TIMEOUT="" GUEST_DIR=$REPO/target/guest
 QUIET=0 INTERACTIVE=0
 
@@ -54,8 +59,8 @@ while [ $# -gt 0 ]; do
 	--server) SERVER=1 ;;
 	--quiet) QUIET=1 ;;
 	--interactive) INTERACTIVE=1 ;;
-	--vhost-user | --reconnect | --tap | --netns | --queues | --tests | --ip | --peer | --secs | \
-		--streams | --pingwait | --mac | --smp | --log | --timeout | --guest-dir)
+	--vhost-user | --reconnect | --tap | --stream | --netns | --queues | --tests | --ip | --peer | \
+		--secs | --streams | --pingwait | --dhcptries | --mac | --smp | --log | --timeout | --guest-dir)
 		[ $# -ge 2 ] || die "$opt needs a value"
 		val=$2
 		shift
@@ -63,6 +68,7 @@ while [ $# -gt 0 ]; do
 		--vhost-user) VHOST_SOCK=$val ;;
 		--reconnect) RECONNECT=$val ;;
 		--tap) TAP=$val ;;
+		--stream) STREAM_SOCK=$val ;;
 		--netns) NETNS=$val ;;
 		--queues) QUEUES=$val ;;
 		--tests) TESTS=$val ;;
@@ -71,6 +77,7 @@ while [ $# -gt 0 ]; do
 		--secs) SECS=$val ;;
 		--streams) STREAMS=$val ;;
 		--pingwait) PINGWAIT=$val ;;
+		--dhcptries) DHCPTRIES=$val ;;
 		--mac) MAC=$val ;;
 		--smp) SMP=$val ;;
 		--log) LOG=$val ;;
@@ -87,8 +94,13 @@ while [ $# -gt 0 ]; do
 	shift
 done
 
-[ -n "$VHOST_SOCK" ] || [ -n "$TAP" ] || die "give --vhost-user SOCK or --tap NAME"
-[ -z "$VHOST_SOCK" ] || [ -z "$TAP" ] || die "--vhost-user and --tap are exclusive"
+BACKENDS=0
+for b in "$VHOST_SOCK" "$TAP" "$STREAM_SOCK"; do
+	[ -z "$b" ] || BACKENDS=$((BACKENDS + 1))
+done
+[ "$BACKENDS" -gt 0 ] || die "give --vhost-user SOCK, --tap NAME or --stream SOCK"
+[ "$BACKENDS" -eq 1 ] || die "--vhost-user, --tap and --stream are exclusive"
+[ -z "$STREAM_SOCK" ] || [ "$QUEUES" = 1 ] || die "--stream has one queue pair (--queues 1)"
 if ! [[ "$QUEUES" =~ ^[1-9][0-9]*$ ]]; then
 	die "--queues must be a positive number"
 fi
@@ -113,6 +125,8 @@ if [ -n "$VHOST_SOCK" ]; then
 		CHARDEV+=",reconnect=$RECONNECT"
 	fi
 	NETDEV=(-chardev "$CHARDEV" -netdev "vhost-user,id=n0,chardev=c0,queues=$QUEUES")
+elif [ -n "$STREAM_SOCK" ]; then
+	NETDEV=(-netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$STREAM_SOCK")
 else
 	NETDEV=(-netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no,queues=$QUEUES")
 fi
@@ -124,6 +138,7 @@ fi
 # pci=nomsi: QEMU 7.2 TCG + vhost-user + MSI-X crashes (see TESTING-NOTES).
 APPEND="console=ttyS0 pci=nomsi panic=-1 quiet qpnet.ip=$IP qpnet.peer=$PEER qpnet.queues=$QUEUES"
 APPEND+=" qpnet.test=$TESTS qpnet.secs=$SECS qpnet.streams=$STREAMS qpnet.pingwait=$PINGWAIT"
+APPEND+=" qpnet.dhcptries=$DHCPTRIES"
 
 if [ "$INTERACTIVE" = 1 ]; then
 	SERIAL=(-chardev "stdio,id=ser0,signal=on,logfile=$LOG" -serial chardev:ser0)
