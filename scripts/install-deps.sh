@@ -10,7 +10,7 @@ what="${1:-test}"
 pkgs=(iproute2 util-linux procps kmod)
 case "$what" in
   run)   pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static iperf3 ethtool cpio gzip) ;;
-  test)  pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static iperf3 ethtool cpio gzip) ;;
+  test)  pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static iperf3 ethtool cpio gzip passt) ;;
   bench) pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static iperf3 ethtool cpio gzip dpdk) ;;
   *) echo "install-deps.sh: unknown target '$what' (run, test or bench)" >&2; exit 2 ;;
 esac

@@ -3,7 +3,8 @@
 //! its network served by qpnet over vhost-user.
 //!
 //! [`Bed`] is what every such test stands on: a network namespace holding a
-//! multi-queue TAP with [`HOST_CIDR`], a scratch directory for the socket and
+//! multi-queue TAP with [`HOST_CIDR`] (or none, [`Bed::create_bare`], for a
+//! test that builds its own network there), a scratch directory for the socket and
 //! the logs (removed once the test passed, kept and named when it failed),
 //! and the list of logs to print on failure. [`Bed::start_iperf3_server`]
 //! and [`Bed::start_guest`] start the host's iperf3 server and a guest; both
@@ -75,11 +76,22 @@ pub struct Bed {
     logs: Vec<(String, PathBuf)>,
 }
 
+/// What backs the guest's virtio-net device.
+#[derive(Debug, Clone, Copy)]
+pub enum GuestNet<'a> {
+    /// vhost-user: QEMU connects to the backend listening on this socket.
+    VhostUser(&'a Path),
+    /// QEMU's own `-netdev stream`, connecting to a peer (passt) listening
+    /// on this unix socket: the baseline without qpnet.
+    Stream(&'a Path),
+}
+
 /// What run-guest.sh is asked to do.
 pub struct GuestArgs<'a> {
     /// Queue pairs of the guest's virtio-net device.
     pub queues: u16,
-    /// The guest's address with its prefix (the peer is [`HOST_ADDR`]).
+    /// The guest's address with its prefix (the peer is [`HOST_ADDR`]
+    /// unless `extra` has `--peer`), or `none` for the dhcp step.
     pub ip: &'a str,
     /// The guest init's steps, comma-separated (`ping,iperf-tx,hold`).
     pub tests: &'a str,
@@ -95,6 +107,13 @@ impl Bed {
     /// directory `/tmp/qpnet-<scratch>-<namespace>`. Fails, saying what is
     /// missing, without root or without a qpnet binary.
     pub fn create(scratch: &str) -> Result<Bed> {
+        let bed = Bed::create_bare(scratch)?;
+        bed.ns.add_tap(TAP, Some(HOST_CIDR))?;
+        Ok(bed)
+    }
+
+    /// [`Bed::create`] without the TAP: the namespace has only `lo`.
+    pub fn create_bare(scratch: &str) -> Result<Bed> {
         ensure!(
             nix::unistd::geteuid().is_root(),
             "the real-guest tests need root (network namespaces, TAPs, QEMU)"
@@ -104,7 +123,6 @@ impl Bed {
         let ns = NetNs::new()?;
         // The iperf3 server may bind before the TAP has its address.
         ns.sysctl("net.ipv4.ip_nonlocal_bind", "1")?;
-        ns.add_tap(TAP, Some(HOST_CIDR))?;
         let dir = ScratchDir::create(&format!("qpnet-{scratch}-{}", ns.name()))?;
         Ok(Bed {
             dir,
@@ -133,10 +151,15 @@ impl Bed {
 
     /// `iperf3 -s -B HOST_ADDR` in the namespace, logging to `iperf3.log`.
     pub fn start_iperf3_server(&mut self) -> Result<Spawned> {
+        self.start_iperf3_server_on(HOST_ADDR)
+    }
+
+    /// `iperf3 -s -B addr` in the namespace, logging to `iperf3.log`.
+    pub fn start_iperf3_server_on(&mut self, addr: &str) -> Result<Spawned> {
         let log = self.log_path("iperf3 server", "iperf3.log");
         Spawned::start(
             "iperf3 server",
-            self.ns.command("iperf3").args(["-s", "-B", HOST_ADDR]),
+            self.ns.command("iperf3").args(["-s", "-B", addr]),
             &log,
             STOP_GRACE,
         )
@@ -146,12 +169,26 @@ impl Bed {
     /// to it); its output and serial console are logged as
     /// `<label>-run-guest.log` and `<label>-serial.log`.
     pub fn start_guest(&mut self, socket: &Path, label: &str, args: &GuestArgs) -> Result<Guest> {
+        self.start_guest_on(GuestNet::VhostUser(socket), label, args)
+    }
+
+    /// [`Bed::start_guest`] with the device backed by `net`.
+    pub fn start_guest_on(
+        &mut self,
+        net: GuestNet,
+        label: &str,
+        args: &GuestArgs,
+    ) -> Result<Guest> {
         let out = self.log_path("run-guest.sh", &format!("{label}-run-guest.log"));
         let serial = self.log_path("guest serial console", &format!("{label}-serial.log"));
+        let (option, socket) = match net {
+            GuestNet::VhostUser(socket) => ("--vhost-user", socket),
+            GuestNet::Stream(socket) => ("--stream", socket),
+        };
         let process = Spawned::start(
             "run-guest.sh",
             Command::new(workspace_dir().join("scripts/guest/run-guest.sh"))
-                .arg("--vhost-user")
+                .arg(option)
                 .arg(socket)
                 .args(["--queues", &args.queues.to_string()])
                 .args(["--ip", args.ip, "--peer", HOST_ADDR, "--tests", args.tests])

@@ -22,7 +22,9 @@
 //!   one typed reader of `qpnet stats --json` ([`stats_json`]), a checker of
 //!   the Prometheus exposition format ([`prometheus`]);
 //! - timed load and its analysis for the crash tests ([`crash`]), a real
-//!   Linux guest under QEMU for the guest tests ([`guest`]), and the lock
+//!   Linux guest under QEMU for the guest tests ([`guest`]), passt as a
+//!   stream-socket peer for it ([`passt`]) and what its `tcphold` step
+//!   prints ([`tcp_hold`]), and the lock
 //!   that runs timing-sensitive tests one at a time ([`serial`]);
 //! - [`wait`]: polling with a deadline instead of sleeping.
 
@@ -33,6 +35,7 @@ pub mod guest;
 pub mod hostile;
 pub mod net_driver;
 pub mod netns;
+pub mod passt;
 pub mod proc;
 pub mod prometheus;
 pub mod qpnet;
@@ -41,6 +44,7 @@ pub mod serial;
 pub mod stats_json;
 pub mod supervise;
 pub mod tap_io;
+pub mod tcp_hold;
 pub mod testbed;
 pub mod traffic;
 pub mod vmm;
