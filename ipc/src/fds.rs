@@ -26,8 +26,8 @@ pub enum FdError {
         /// Fds that came with it.
         got: usize,
     },
-    /// The fd of `AttachFrameIo{kind: Datagram}` is not a socket.
-    #[error("the datagram frame I/O fd is not a socket ({0})")]
+    /// The fd of `AttachFrameIo{kind: Datagram | Stream}` is not a socket.
+    #[error("the socket frame I/O fd is not a socket ({0})")]
     NotSocket(String),
     /// An fd that must be an eventfd is something else.
     #[error("the {which} fd is not an eventfd ({target})")]
@@ -73,8 +73,8 @@ impl Request {
     /// Check the fds that came with this request: their number, for
     /// StartRing that each of them (kick, call, error) is an
     /// anonymous-inode fd ([`check_anon_inode`]; the primary has made sure
-    /// they are eventfds), and for `AttachFrameIo{kind: Datagram}` that the
-    /// fd is a socket (the worker checks it is a datagram one when it takes
+    /// they are eventfds), and for `AttachFrameIo{kind: Datagram | Stream}` that
+    /// the fd is a socket (the worker checks its type when it takes
     /// it). A TAP queue is not checked by kind: tests stand in for it with a
     /// socketpair.
     pub fn check_fds<F: AsFd>(&self, fds: &[F]) -> Result<(), FdError> {
@@ -93,7 +93,7 @@ impl Request {
                 }
             }
             Request::AttachFrameIo {
-                kind: crate::FrameIoKind::Datagram,
+                kind: crate::FrameIoKind::Datagram | crate::FrameIoKind::Stream,
             } => {
                 for fd in fds {
                     check_socket(fd.as_fd())?;

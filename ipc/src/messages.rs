@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; bumped on any incompatible change of the types
 /// below. Checked by both sides in the hello exchange.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The fd number at which a worker finds its control socket after `exec`.
 pub const WORKER_CONTROL_FD: i32 = 3;
@@ -24,6 +24,10 @@ pub enum FrameIoKind {
     /// is one Ethernet frame and carries no header, as with QEMU's
     /// `-netdev dgram`.
     Datagram,
+    /// A connected stream socket (TCP or unix `SOCK_STREAM`): each Ethernet
+    /// frame is prefixed by its length as a 4-byte big-endian integer and
+    /// carries no header, as with QEMU's `-netdev stream` and passt.
+    Stream,
 }
 
 impl FrameIoKind {
@@ -37,6 +41,7 @@ impl FrameIoKind {
         match self {
             FrameIoKind::Tap => "TAP queue",
             FrameIoKind::Datagram => "datagram socket",
+            FrameIoKind::Stream => "stream socket",
         }
     }
 }

@@ -40,7 +40,7 @@ pub struct RunArgs {
     /// or with --connect connects to a VMM listening there.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
-    /// Where frames go: exactly one of --tap, --udp, --unix-dgram.
+    /// Where frames go: exactly one of --tap, --udp, --unix-dgram, --stream.
     #[command(flatten)]
     pub host: HostArgs,
     /// Number of queue pairs (1..=16), each served by its own worker
@@ -91,11 +91,25 @@ pub struct RunArgs {
     /// running as another user in that group. Default: owner only (0600).
     #[arg(long, value_name = "GROUP", conflicts_with = "connect")]
     pub socket_group: Option<String>,
+    /// With --stream: listen at its address (the peer connects, as QEMU's
+    /// `-netdev stream,server=off` does) instead of connecting to it.
+    #[arg(long)]
+    pub stream_listen: bool,
     /// Serve only VMMs whose connection comes from one of these uids
     /// (SO_PEERCRED); others are refused and logged. Default: any peer
     /// that can reach the socket.
     #[arg(long, value_name = "UID[,UID...]", value_delimiter = ',')]
     pub allow_uid: Option<Vec<u32>>,
+}
+
+impl RunArgs {
+    /// What clap cannot say: `--stream-listen` only with `--stream`.
+    pub fn check_usage(&self) -> Result<(), String> {
+        if self.stream_listen && self.host.stream.is_none() {
+            return Err("--stream-listen needs --stream (it names where to listen)".into());
+        }
+        Ok(())
+    }
 }
 
 /// The host side of `qpnet run`: exactly one is given.
@@ -122,6 +136,16 @@ pub struct HostArgs {
     /// privilege.
     #[arg(long, value_name = "LOCAL_PATH,REMOTE_PATH", value_parser = crate::dgram::parse_unix)]
     pub unix_dgram: Option<crate::dgram::DgramSpec>,
+    /// A stream socket instead of a TAP: each frame behind its length as a
+    /// 4-byte big-endian integer (QEMU's `-netdev stream`, passt's socket).
+    /// qpnet connects to unix:PATH or tcp:HOST:PORT (or listens there with
+    /// --stream-listen), one connection per queue pair: queue pair K uses
+    /// PATH.K or PORT+K when there is more than one. A connection that ends
+    /// is made again (back-off 50 ms to 2 s); meanwhile the guest's frames
+    /// are dropped and counted. For passt (one connection) use one queue
+    /// pair: `--stream unix:$(passt's socket)`. Needs no privilege.
+    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT", value_parser = crate::stream::parse_stream)]
+    pub stream: Option<crate::stream::StreamSpec>,
 }
 
 /// Options of `qpnet retry`.

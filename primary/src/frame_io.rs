@@ -1,5 +1,5 @@
-//! The host side of the instance: a multi-queue TAP or one datagram socket
-//! per queue pair. Either way one fd per queue pair goes to its worker
+//! The host side of the instance: a multi-queue TAP, or one datagram socket
+//! or stream connection per queue pair. Either way one fd per queue pair goes to its worker
 //! (`AttachFrameIo`, with the [`FrameIoKind`] that tells it whether frames
 //! carry the virtio-net header); this is the one place that knows which
 //! features and settings each side has.
@@ -10,6 +10,7 @@ use qpnet_ipc::FrameIoKind;
 
 use crate::dgram::DgramSockets;
 use crate::features;
+use crate::stream::StreamLinks;
 use crate::tap::{Tap, TapError};
 
 /// MTU of a socket backend: nothing on the host says otherwise, so the
@@ -23,6 +24,9 @@ pub enum HostSide {
     Tap(Tap),
     /// One connected datagram socket per queue pair.
     Datagram(DgramSockets),
+    /// One stream connection per queue pair, made (and made again) by the
+    /// primary; a queue pair may be without one for a while.
+    Stream(StreamLinks),
 }
 
 impl HostSide {
@@ -31,6 +35,7 @@ impl HostSide {
         match self {
             HostSide::Tap(_) => FrameIoKind::Tap,
             HostSide::Datagram(_) => FrameIoKind::Datagram,
+            HostSide::Stream(_) => FrameIoKind::Stream,
         }
     }
 
@@ -39,6 +44,7 @@ impl HostSide {
         match self {
             HostSide::Tap(t) => t.queue(qp),
             HostSide::Datagram(d) => d.queue(qp),
+            HostSide::Stream(s) => s.queue(qp),
         }
     }
 
@@ -46,7 +52,7 @@ impl HostSide {
     pub fn mtu(&self) -> u32 {
         match self {
             HostSide::Tap(t) => t.mtu().unwrap_or(1500),
-            HostSide::Datagram(_) => SOCKET_MTU,
+            HostSide::Datagram(_) | HostSide::Stream(_) => SOCKET_MTU,
         }
     }
 
@@ -62,7 +68,7 @@ impl HostSide {
             HostSide::Tap(t) => t
                 .set_header_len(features::header_len(f))
                 .and_then(|()| t.set_offloads(features::tap_offloads(f))),
-            HostSide::Datagram(_) => Ok(()),
+            HostSide::Datagram(_) | HostSide::Stream(_) => Ok(()),
         }
     }
 }

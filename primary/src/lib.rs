@@ -24,6 +24,7 @@ mod runtime;
 mod seccomp;
 mod server;
 mod stats;
+mod stream;
 mod supervision;
 mod tap;
 mod vhost_user;
@@ -38,6 +39,10 @@ pub fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => {
+            if let Err(e) = args.check_usage() {
+                eprintln!("error: {e}\n\nFor more information, try 'qpnet run --help'.");
+                std::process::exit(2);
+            }
             logging::init("primary");
             match run::run(args) {
                 Ok(()) => 0,

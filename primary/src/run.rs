@@ -19,6 +19,7 @@ use crate::dgram::DgramSockets;
 use crate::frame_io::HostSide;
 use crate::runtime::{self, RuntimeDir};
 use crate::server::{self, Endpoint, Server};
+use crate::stream::StreamLinks;
 use crate::supervision::{Instance, Policy, ProcessLauncher, Supervisor, WorkerBinary};
 use crate::tap::{self, Tap};
 use crate::vhost_user::VhostUserDevice;
@@ -172,6 +173,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (sup, dev) = backend.supervision();
     sup.supervise(dev);
     eprintln!("{}", qemu_hint(&args, qp));
+    if let Some(spec) = &args.host.stream {
+        eprintln!("a QEMU peer on the other end of queue pair K (one netdev per queue pair):");
+        for k in 0..qp {
+            if let Ok(line) = spec.qemu_peer(k, qp, args.stream_listen) {
+                eprintln!("  {line}");
+            }
+        }
+    }
     if let Some(spec) = args.host.udp.as_ref().or(args.host.unix_dgram.as_ref()) {
         eprintln!("a QEMU peer on the other end of queue pair K (one netdev per queue pair):");
         for k in 0..qp {
@@ -207,11 +216,16 @@ fn open_host(args: &RunArgs, qp: u16) -> Result<HostSide> {
     if let Some(name) = &h.tap {
         return Ok(HostSide::Tap(Tap::open(name, qp as usize)?));
     }
+    if let Some(spec) = &h.stream {
+        let links = StreamLinks::open(spec, args.stream_listen, qp)
+            .context("setting up the stream sockets")?;
+        return Ok(HostSide::Stream(links));
+    }
     let spec = h
         .udp
         .as_ref()
         .or(h.unix_dgram.as_ref())
-        .context("no --tap, --udp or --unix-dgram")?;
+        .context("no --tap, --udp, --unix-dgram or --stream")?;
     let sockets = DgramSockets::open(spec, qp).context("opening the datagram sockets")?;
     Ok(HostSide::Datagram(sockets))
 }
@@ -228,6 +242,7 @@ fn describe_host(args: &RunArgs, host: &HostSide, qp: u16) -> String {
         ),
         (HostSide::Datagram(_), Some(spec)) => spec.describe(qp),
         (HostSide::Datagram(_), None) => "datagram sockets".to_string(),
+        (HostSide::Stream(s), _) => s.spec().describe(qp, s.listens()),
     }
 }
 

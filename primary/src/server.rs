@@ -24,6 +24,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::access::Access;
 use crate::reply_guard::ReplyGuard;
+use crate::stream::Watch;
 use crate::vhost_user::{wait_for_header, Header, VhostUserDevice};
 
 /// Longest a VMM may take to finish sending one message, or to take our
@@ -197,9 +198,10 @@ impl Events {
         let timeout = wait_for
             .map(|t| PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX))
             .unwrap_or(PollTimeout::NONE);
-        let (signalled, ready, exited) = {
+        let (signalled, ready, exited, host) = {
             let pidfds = d.backend.supervisor().worker_pidfds();
-            let mut pfds: Vec<PollFd<'_>> = Vec::with_capacity(pidfds.len() + 2);
+            let host_fds = d.backend.supervisor().host_poll_fds();
+            let mut pfds: Vec<PollFd<'_>> = Vec::with_capacity(pidfds.len() + host_fds.len() + 2);
             pfds.push(PollFd::new(self.signals.as_fd(), PollFlags::POLLIN));
             pfds.extend(fd.map(|f| PollFd::new(f, PollFlags::POLLIN)));
             let first_pidfd = pfds.len();
@@ -207,6 +209,12 @@ impl Events {
                 pidfds
                     .iter()
                     .map(|&(_, f)| PollFd::new(f, PollFlags::POLLIN)),
+            );
+            let first_host = pfds.len();
+            pfds.extend(
+                host_fds
+                    .iter()
+                    .map(|&(_, watch, f)| PollFd::new(f, watch.flags())),
             );
             match poll(&mut pfds, timeout) {
                 Ok(_) => {}
@@ -216,11 +224,22 @@ impl Events {
             let fired = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
             let exited: Vec<usize> = pidfds
                 .iter()
-                .zip(&pfds[first_pidfd..])
+                .zip(&pfds[first_pidfd..first_host])
                 .filter(|(_, p)| fired(p))
                 .map(|(&(qp, _), _)| qp)
                 .collect();
-            (fired(&pfds[0]), fd.is_some() && fired(&pfds[1]), exited)
+            let host: Vec<(usize, Watch)> = host_fds
+                .iter()
+                .zip(&pfds[first_host..])
+                .filter(|(_, p)| Watch::fired(p))
+                .map(|(&(qp, watch, _), _)| (qp, watch))
+                .collect();
+            (
+                fired(&pfds[0]),
+                fd.is_some() && fired(&pfds[1]),
+                exited,
+                host,
+            )
         };
         let (sup, dev) = d.backend.supervision();
         if signalled {
@@ -237,7 +256,10 @@ impl Events {
         for qp in exited {
             sup.worker_exited(qp);
         }
+        // Deaths first: a stream a dead worker left out of step is reset
+        // before anything is attached.
         sup.supervise(dev);
+        sup.host_service(&host);
         if ready {
             return Ok(Wake::Ready);
         }

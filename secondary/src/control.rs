@@ -25,6 +25,7 @@ use crate::features::NetFeatures;
 use crate::frame_io::FrameIo;
 use crate::guest_memory::GuestMemoryMap;
 use crate::queue_pair::QueuePair;
+use crate::stream::Stream;
 use crate::tap::Tap;
 
 /// What the worker does after a control request.
@@ -240,6 +241,10 @@ fn attach_frame_io(
         FrameIoKind::Datagram => {
             Box::new(Datagram::attach(fd).map_err(|e| format!("datagram socket refused: {e}"))?)
         }
+        FrameIoKind::Stream => Box::new(
+            Stream::attach(fd, qp.sync_word())
+                .map_err(|e| format!("stream socket refused: {e}"))?,
+        ),
     };
     qp.attach_io(io, events)?;
     info!("qp{}: {} attached", qp.index(), kind.name());

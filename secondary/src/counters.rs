@@ -8,8 +8,11 @@
 //! kind, so a guest sending garbage at line rate cannot flood it.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use qpnet_shared::{monotonic_ns, QueueStats, SharedRegion};
+
+use crate::stream::SyncWord;
 
 pub use qpnet_shared::LocalCounters;
 
@@ -17,7 +20,9 @@ pub use qpnet_shared::LocalCounters;
 /// primary sent it, a private block before.
 pub struct StatsHome {
     private: Box<QueueStats>,
-    shared: Option<(SharedRegion, usize)>,
+    shared: Option<(Arc<SharedRegion>, usize)>,
+    /// The stream framing word while no region is attached.
+    private_sync: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl StatsHome {
@@ -26,6 +31,7 @@ impl StatsHome {
         StatsHome {
             private: Box::default(),
             shared: None,
+            private_sync: Arc::default(),
         }
     }
 
@@ -38,8 +44,17 @@ impl StatsHome {
                 region.queue_pairs()
             ));
         }
-        self.shared = Some((region, queue_pair));
+        self.shared = Some((Arc::new(region), queue_pair));
         Ok(())
+    }
+
+    /// Where a stream frame I/O publishes its framing state: the queue
+    /// pair's `stream_sync` in the region once it is attached.
+    pub fn sync_word(&self) -> SyncWord {
+        match &self.shared {
+            Some((region, qp)) => SyncWord::Shared(Arc::clone(region), *qp),
+            None => SyncWord::Private(Arc::clone(&self.private_sync)),
+        }
     }
 
     /// The counters block.

@@ -100,7 +100,7 @@ impl PeerFault {
 
 /// The entries of `list` after its first `skip` bytes, into `out`. Returns
 /// false when the list is shorter than `skip`.
-fn skip_front(list: &[libc::iovec], skip: usize, out: &mut Vec<libc::iovec>) -> bool {
+pub(crate) fn skip_front(list: &[libc::iovec], skip: usize, out: &mut Vec<libc::iovec>) -> bool {
     out.clear();
     let mut left = skip;
     for v in list {
@@ -118,7 +118,32 @@ fn skip_front(list: &[libc::iovec], skip: usize, out: &mut Vec<libc::iovec>) -> 
     left == 0
 }
 
-fn short_frame() -> io::Error {
+/// One nonblocking `sendmsg` of `list` (no SIGPIPE), retried when
+/// interrupted: the bytes sent.
+///
+/// Every entry must point into live memory of at least its length for the
+/// call (guest memory, see iovecs.rs, the TX path's copy of the header, or
+/// the caller's own buffers); the kernel only reads it.
+pub(crate) fn send_iovecs(fd: BorrowedFd<'_>, list: &mut [libc::iovec]) -> io::Result<usize> {
+    retry(|| {
+        // SAFETY: an all-zero msghdr is valid (no name, no control).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = list.as_mut_ptr();
+        msg.msg_iovlen = list.len();
+        // SAFETY: the entries point at memory the caller keeps live and
+        // readable for the call (this function's contract); the kernel only
+        // reads it.
+        unsafe {
+            libc::sendmsg(
+                fd.as_raw_fd(),
+                &msg,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        }
+    })
+}
+
+pub(crate) fn short_frame() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
         "the buffers are shorter than the virtio-net header",
@@ -132,22 +157,7 @@ impl FrameIo for Datagram {
         if !skip_front(frame.as_slice(), header, &mut list) {
             return Err(short_frame());
         }
-        retry(|| {
-            // SAFETY: an all-zero msghdr is valid (no name, no control).
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = list.as_mut_ptr();
-            msg.msg_iovlen = list.len();
-            // SAFETY: every iovec points into live memory of at least its
-            // length for the call (guest memory, see iovecs.rs, or the TX
-            // path's copy of the header); the kernel only reads it.
-            unsafe {
-                libc::sendmsg(
-                    self.fd.as_raw_fd(),
-                    &msg,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            }
-        })
+        send_iovecs(self.fd.as_fd(), &mut list)
     }
 
     /// Zeroes the header, receives the datagram after it.

@@ -5,12 +5,14 @@
 //! by name, so a second backend (the socket backend) is a second
 //! implementation of this trait, not a fork of the path. Today's one is
 //! [`Tap`](crate::tap::Tap): a TAP queue fd with IFF_VNET_HDR, where one
-//! `readv`/`writev` is one frame, header included; the socket backend's is
+//! `readv`/`writev` is one frame, header included; the socket backend's are
 //! [`Datagram`](crate::datagram::Datagram): one datagram is one frame and
 //! carries no header, so it skips the header on the way out and writes a
-//! zero one on the way in. The paths always see frames with the header in
-//! front and say how long it is (`header`, from the negotiated features);
-//! which of the two the worker builds, the primary says
+//! zero one on the way in; and [`Stream`](crate::stream::Stream), the same
+//! with each frame behind its length on a byte stream. The paths always
+//! see frames with the header in front and say how long it is (`header`,
+//! from the negotiated features); which one the worker builds, the primary
+//! says
 //! ([`qpnet_ipc::FrameIoKind`]). An implementation is nonblocking: "no frame
 //! waits" and "no room for a frame" are `WouldBlock`, never a stall; the
 //! worker's epoll loop waits on [`AsFd::as_fd`] instead.
@@ -48,5 +50,22 @@ pub trait FrameIo: AsFd {
     /// detaches it.
     fn take_error(&self) -> Option<io::Error> {
         None
+    }
+
+    /// Whether it has output of its own to finish once the fd is writable
+    /// (the rest of a stream frame whose write was cut short).
+    fn wants_writable(&self) -> bool {
+        false
+    }
+
+    /// The fd is writable: finish that output.
+    fn on_writable(&self) {}
+
+    /// Whether its connection is over (a stream whose peer closed it or
+    /// broke its framing): no more events to watch; writes fail with
+    /// `ENOTCONN`, so the TX path drops and counts frames until a new frame
+    /// I/O is attached.
+    fn ended(&self) -> bool {
+        false
     }
 }

@@ -39,6 +39,7 @@ mod queue_pair;
 mod ring;
 mod rx;
 mod sandbox;
+mod stream;
 mod tap;
 mod test_fault;
 mod tx;

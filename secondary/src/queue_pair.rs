@@ -51,6 +51,9 @@ struct Common {
     features: NetFeatures,
     memory: Option<GuestMemoryMap>,
     io: Option<Box<dyn FrameIo>>,
+    /// The frame I/O's connection ended and its fd is no longer watched
+    /// (it stays, dropping and counting TX frames, until a new one comes).
+    io_ended: bool,
     counters: LocalCounters,
     flows: FlowTracker,
     stats: StatsHome,
@@ -81,6 +84,7 @@ impl QueuePair {
                 features: NetFeatures::default(),
                 memory: None,
                 io: None,
+                io_ended: false,
                 counters: LocalCounters::default(),
                 flows: FlowTracker::new(index, false),
                 stats: StatsHome::private(),
@@ -155,8 +159,14 @@ impl QueuePair {
             .add_io(io.as_ref())
             .map_err(|e| format!("epoll add TAP: {e}"))?;
         self.common.io = Some(io);
+        self.common.io_ended = false;
         self.update_interest(events);
         Ok(())
+    }
+
+    /// Where a stream frame I/O publishes its framing state.
+    pub fn sync_word(&self) -> crate::stream::SyncWord {
+        self.common.stats.sync_word()
     }
 
     /// Start a ring (replacing one of its kind that runs). Refused before
@@ -249,6 +259,9 @@ impl QueuePair {
 
     /// The frame I/O is writable again.
     pub fn on_io_writable(&mut self) {
+        if let Some(io) = &self.common.io {
+            io.on_writable();
+        }
         self.tx.unblock();
     }
 
@@ -260,7 +273,9 @@ impl QueuePair {
             return;
         };
         let Some(e) = io.take_error() else {
-            self.detach_io("it reported an error or hang-up", events);
+            if !io.ended() {
+                self.detach_io("it reported an error or hang-up", events);
+            }
             return;
         };
         match PeerFault::of(&e) {
@@ -280,8 +295,11 @@ impl QueuePair {
     pub fn detach_io(&mut self, why: &str, events: &mut Events) {
         if let Some(io) = self.common.io.take() {
             warn!("qp{}: frame I/O detached: {why}", self.index);
-            events.remove_io(io.as_ref());
+            if !self.common.io_ended {
+                events.remove_io(io.as_ref());
+            }
         }
+        self.common.io_ended = false;
         self.tx.forget_io();
     }
 
@@ -309,14 +327,29 @@ impl QueuePair {
     }
 
     /// Watch the frame I/O for what the queues wait for.
-    pub fn update_interest(&self, events: &mut Events) {
-        if let Some(io) = &self.common.io {
-            events.watch_io(
-                io.as_ref(),
-                self.rx.wants_readable(),
-                self.tx.wants_writable(),
-            );
+    pub fn update_interest(&mut self, events: &mut Events) {
+        let Some(io) = &self.common.io else {
+            return;
+        };
+        if self.common.io_ended {
+            return;
         }
+        if io.ended() {
+            // Its connection is over: the primary makes a new one.
+            warn!(
+                "qp{}: the stream connection ended; TX frames are dropped until a new one is attached",
+                self.index
+            );
+            events.remove_io(io.as_ref());
+            self.common.io_ended = true;
+            self.tx.unblock();
+            return;
+        }
+        events.watch_io(
+            io.as_ref(),
+            self.rx.wants_readable(),
+            self.tx.wants_writable() || io.wants_writable(),
+        );
     }
 
     /// Add the counters to the published ones.

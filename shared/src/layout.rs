@@ -19,7 +19,7 @@ pub use crate::queue_stats::QueueStats;
 /// "QPNETSHM" as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"QPNETSHM");
 /// Version of this layout; bumped on any incompatible change.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// Most queue pairs a region (and a qpnet instance) can have.
 pub const MAX_QUEUE_PAIRS: usize = 16;
 

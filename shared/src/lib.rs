@@ -17,6 +17,7 @@ mod layout;
 mod queue_stats;
 mod region;
 mod robust_mutex;
+pub mod stream_sync;
 pub mod test_hooks;
 
 pub use clock::monotonic_ns;

@@ -13,7 +13,7 @@
 //!   help texts, where each value lives), in layout order.
 //!
 //! Packet counters are written by the queue pair's worker, supervision fields
-//! by the primary, flow counters by the worker's flow tracker; each counter
+//! by the primary (but `stream_sync`, the worker's while it runs), flow counters by the worker's flow tracker; each counter
 //! has exactly one writing process, so none needs a lock.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -110,7 +110,8 @@ queue_stats! {
         ring_faults: "Rings stopped because the guest made them unusable (also signalled on the ring's SET_VRING_ERR eventfd).",
         drop_rx_short: "RX frames dropped: empty or shorter than an Ethernet header (a socket peer's datagram of 0 to 13 bytes).",
         drop_peer_refused: "TX frames dropped: the socket refused them as too large for the peer (EMSGSIZE).",
-        peer_unreachable: "Times the socket's peer was not there (ECONNREFUSED, ENOENT, ENOTCONN); a TX frame is dropped, RX goes on.",
+        peer_unreachable: "Times the socket's peer was not there (ECONNREFUSED, ENOENT, ENOTCONN, a closed stream); a TX frame is dropped, RX goes on.",
+        drop_stream_framing: "Times a stream peer sent a length prefix of 0 or above 65,535: the connection is reset (and made again).",
     }
     supervision {
         /// Worker heartbeat: CLOCK_MONOTONIC nanoseconds of its last loop turn.
@@ -121,6 +122,12 @@ queue_stats! {
         pid: AtomicU32,
         /// A [`crate::WorkerState`] value.
         state: AtomicU32,
+        /// Stream backends only, written by the worker: nonzero while the
+        /// connection may not be at a frame boundary (a write of a frame may
+        /// be under way or only partly done, or part of a received frame is
+        /// held), see [`crate::stream_sync`]. The primary reads it when the
+        /// worker died, to hand the connection over or reset it.
+        stream_sync: AtomicU32,
     }
     flow {
         flows_created: "Flows this queue pair's worker created in the flow table.",
@@ -156,13 +163,14 @@ impl QueueStats {
     }
 }
 
-// The layout every process of an instance agrees on (LAYOUT_VERSION 5).
+// The layout every process of an instance agrees on (LAYOUT_VERSION 6).
 const _: () = assert!(std::mem::size_of::<QueueStats>() == 256);
 const _: () = assert!(std::mem::size_of::<QueueStats>().is_multiple_of(64));
 const _: () = assert!(std::mem::align_of::<QueueStats>() == 64);
-const _: () = assert!(std::mem::offset_of!(QueueStats, heartbeat_ns) == 22 * 8);
-const _: () = assert!(std::mem::offset_of!(QueueStats, flows_created) == 25 * 8);
-const _: () = assert!(QUEUE_COUNTERS.len() == 27);
+const _: () = assert!(std::mem::offset_of!(QueueStats, heartbeat_ns) == 23 * 8);
+const _: () = assert!(std::mem::offset_of!(QueueStats, stream_sync) == 23 * 8 + 24);
+const _: () = assert!(std::mem::offset_of!(QueueStats, flows_created) == 27 * 8);
+const _: () = assert!(QUEUE_COUNTERS.len() == 28);
 
 #[cfg(test)]
 mod tests {
@@ -175,7 +183,7 @@ mod tests {
             (c.field)(&q).store(i as u64 + 1, Ordering::Relaxed);
         }
         assert_eq!(QueueStats::get(&q.tx_frames), 1);
-        assert_eq!(QueueStats::get(&q.flow_affinity_misses), 27);
+        assert_eq!(QueueStats::get(&q.flow_affinity_misses), 28);
         assert_eq!(
             QUEUE_COUNTERS[CounterId::flows_expired as usize].name,
             "flows_expired"
@@ -198,7 +206,8 @@ mod tests {
                 "drop_hdr_len",
                 "drop_hdr_csum",
                 "drop_rx_short",
-                "drop_peer_refused"
+                "drop_peer_refused",
+                "drop_stream_framing"
             ]
         );
     }

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use qpnet_shared::SharedRegion;
+use std::sync::atomic::AtomicU64;
+
+use qpnet_shared::{QueueStats, SharedRegion};
 
 use crate::binary::{qpnet_binary, run_qpnet};
 use crate::netns::NetNs;
@@ -351,6 +353,41 @@ impl Qpnet {
     pub fn stats(&self) -> Result<SharedRegion> {
         let path = self.runtime_dir().join("stats.shm");
         SharedRegion::open_read_only(&path).with_context(|| format!("opening {}", path.display()))
+    }
+
+    /// Counter `f` of queue pair `qp`, from the shared region.
+    pub fn counter(&self, qp: usize, f: impl Fn(&QueueStats) -> &AtomicU64) -> Result<u64> {
+        let s = self.stats()?;
+        let q = s
+            .queue(qp)
+            .with_context(|| format!("no stats for queue pair {qp}"))?;
+        Ok(QueueStats::get(f(q)))
+    }
+
+    /// Wait up to `timeout` until counter `f` (named `what`) of queue pair
+    /// `qp` reaches `at_least`.
+    pub fn wait_counter(
+        &self,
+        what: &str,
+        qp: usize,
+        at_least: u64,
+        timeout: Duration,
+        f: impl Fn(&QueueStats) -> &AtomicU64,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.counter(qp, &f)?;
+            if v >= at_least {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "qp{qp}: {what} is {v}, not >= {at_least}; qpnet stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Run `qpnet stats --name NAME ARGS` and capture its output.

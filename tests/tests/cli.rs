@@ -384,6 +384,8 @@ fn help_exists_for_every_subcommand() -> Result<()> {
                 "--tap",
                 "--udp",
                 "--unix-dgram",
+                "--stream",
+                "--stream-listen",
                 "needs CAP_NET_ADMIN",
                 "need no privilege",
                 "--queue-pairs",
@@ -481,10 +483,10 @@ fn host_side_mistakes_are_refused() -> Result<()> {
     };
     let out = with(&[])?;
     ensure_exit(
-        "no --tap, --udp or --unix-dgram",
+        "no --tap, --udp, --unix-dgram or --stream",
         &out,
         EXIT_USAGE,
-        &["--tap", "--udp", "--unix-dgram"],
+        &["--tap", "--udp", "--unix-dgram", "--stream"],
     )?;
     let out = with(&["--tap", TAP_NAME, "--udp", "127.0.0.1:5000,127.0.0.1:6000"])?;
     ensure_exit(
@@ -525,6 +527,46 @@ fn host_side_mistakes_are_refused() -> Result<()> {
         EXIT_ERROR,
         &["nobody is bound to", "start the peer first"],
     )?;
+    for (bad, needle) in [
+        ("udp:127.0.0.1:5000", "expected unix:PATH or tcp:HOST:PORT"),
+        ("tcp:127.0.0.1", "expected unix:PATH or tcp:HOST:PORT"),
+        ("tcp:127.0.0.1:0", "the port must not be 0"),
+        ("unix:", "the path is empty"),
+    ] {
+        let out = with(&["--stream", bad])?;
+        ensure_exit(&format!("--stream {bad}"), &out, EXIT_USAGE, &[needle])?;
+    }
+    let out = with(&["--stream-listen", "--tap", TAP_NAME])?;
+    ensure_exit(
+        "--stream-listen without --stream",
+        &out,
+        EXIT_USAGE,
+        &["--stream-listen", "--stream"],
+    )?;
+    let out = with(&["--tap", TAP_NAME, "--stream", "unix:/tmp/x"])?;
+    ensure_exit(
+        "--tap and --stream together",
+        &out,
+        EXIT_USAGE,
+        &["cannot be used with"],
+    )?;
+    // Listening where a file (not a socket) is: refused, the file kept.
+    let file = std::env::temp_dir().join(format!("{}.file", unique_name()));
+    std::fs::write(&file, b"keep")?;
+    let spec = format!("unix:{}", file.display());
+    let out = with(&["--stream", &spec, "--stream-listen"])?;
+    let kept = std::fs::read(&file).ok();
+    let _ = std::fs::remove_file(&file);
+    ensure_exit(
+        "--stream-listen on a plain file",
+        &out,
+        EXIT_ERROR,
+        &["exists: remove it or choose another --stream path"],
+    )?;
+    ensure!(
+        kept.as_deref() == Some(&b"keep"[..]),
+        "the file was touched"
+    );
     ensure!(!sock.exists(), "the socket was created anyway");
     ensure_no_runtime_dir("host side mistakes", &name)
 }

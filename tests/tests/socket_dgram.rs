@@ -292,9 +292,7 @@ impl Bed {
         qp: usize,
         f: impl Fn(&QueueStats) -> &std::sync::atomic::AtomicU64,
     ) -> Result<u64> {
-        let s = self.stats()?;
-        let q = s.queue(qp).context("queue stats")?;
-        Ok(QueueStats::get(f(q)))
+        self.qpnet.counter(qp, f)
     }
 
     /// Send frames on TX queue `qp` until `peer_unreachable` moves (a UDP
@@ -343,20 +341,7 @@ impl Bed {
         at_least: u64,
         f: impl Fn(&QueueStats) -> &std::sync::atomic::AtomicU64,
     ) -> Result<()> {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let v = self.counter(qp, &f)?;
-            if v >= at_least {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "qp{qp}: {what} is {v}, not >= {at_least}; qpnet stderr:\n{}",
-                    self.qpnet.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.qpnet.wait_counter(what, qp, at_least, TIMEOUT, f)
     }
 
     fn finish(self) -> Result<()> {

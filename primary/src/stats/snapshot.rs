@@ -269,7 +269,7 @@ mod tests {
         for (i, c) in COUNTERS.iter().enumerate() {
             v[i] = if c.name.starts_with("drop_") { 1 } else { 100 };
         }
-        assert_eq!(drops(&v), 11, "the eleven drop_* counters");
+        assert_eq!(drops(&v), 12, "the twelve drop_* counters");
         assert_eq!(at(RX_NO_BUFFER), "rx_no_buffer");
         assert_eq!(at(FLOWS_CREATED), "flows_created");
         assert_eq!(at(FLOWS_EXPIRED), "flows_expired");

@@ -40,6 +40,7 @@ use qpnet_shared::SharedRegion;
 
 use crate::device::{DevResult, Device};
 use crate::frame_io::HostSide;
+use crate::stream::Watch;
 use link::Launch;
 pub use policy::Policy;
 pub use process::{ProcessLauncher, WorkerBinary};
@@ -103,7 +104,29 @@ impl Supervisor {
     /// Act on deaths, start the workers that are due, run the watchdog.
     pub fn supervise(&mut self, dev: &Device) {
         for qp in &mut self.queue_pairs {
-            qp.supervise(&self.instance, dev);
+            qp.supervise(&mut self.instance, dev);
+        }
+    }
+
+    /// The host side's fds the loop polls (stream connections and
+    /// listeners), with their queue pair and what they wait for.
+    pub fn host_poll_fds(&self) -> Vec<(usize, Watch, BorrowedFd<'_>)> {
+        match &self.instance.host {
+            HostSide::Stream(links) => links.poll_fds(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Act on the host side's events (`fired`) and due connects: a queue
+    /// pair with a new connection gets it attached to its worker.
+    pub fn host_service(&mut self, fired: &[(usize, Watch)]) {
+        let HostSide::Stream(links) = &mut self.instance.host else {
+            return;
+        };
+        for qp in links.service(fired) {
+            if let Some(q) = self.queue_pairs.get_mut(qp) {
+                q.attach_frame_io(&self.instance);
+            }
         }
     }
 
@@ -125,7 +148,11 @@ impl Supervisor {
         let tick = self.instance.policy.watchdog.map(|w| {
             Instant::now() + (w / 4).clamp(Duration::from_millis(20), Duration::from_millis(250))
         });
-        [due, tick].into_iter().flatten().min()
+        let connect = match &self.instance.host {
+            HostSide::Stream(links) => links.deadline(),
+            _ => None,
+        };
+        [due, tick, connect].into_iter().flatten().min()
     }
 
     /// The pidfds of the live workers, with their queue pair.

@@ -36,13 +36,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use qpnet_ipc::{Reply, Request, RingKind, PROTOCOL_VERSION};
-use qpnet_shared::{monotonic_ns, QueueStats, WorkerState};
+use qpnet_ipc::{FrameIoKind, Reply, Request, RingKind, PROTOCOL_VERSION};
+use qpnet_shared::{monotonic_ns, stream_sync, QueueStats, WorkerState};
 
 use super::link::{describe, WorkerLink};
 use super::policy::{is_wedged, CrashHistory, Decision};
 use super::Instance;
 use crate::device::{refuse, DevResult, Device};
+use crate::frame_io::HostSide;
 
 /// How an owed ring is given to the next worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,7 +323,7 @@ impl QueuePair {
     /// a death to act on and any start that is due. A start that fails is a
     /// death, decided at once; the policy's back-off and crash-loop guard
     /// end the loop.
-    pub fn supervise(&mut self, inst: &Instance, dev: &Device) {
+    pub fn supervise(&mut self, inst: &mut Instance, dev: &Device) {
         self.watchdog(inst, dev);
         loop {
             match self.worker {
@@ -369,11 +370,12 @@ impl QueuePair {
 
     /// Act on a death: repair what the worker may have left locked, count
     /// it, and let the policy say when (or whether) the next worker starts.
-    fn decide(&mut self, inst: &Instance) {
+    fn decide(&mut self, inst: &mut Instance) {
         let Worker::Dead { pid, why } = std::mem::replace(&mut self.worker, Worker::Stopped) else {
             return;
         };
         let qp = self.index;
+        self.hand_over_stream(inst);
         let pid = pid.map_or_else(|| "-".to_string(), |p| p.to_string());
         repair_flow_table(inst);
         let st = self.stats(inst);
@@ -463,11 +465,17 @@ impl QueuePair {
         };
         self.call_ok(&shared, &[inst.shared.fd()])?;
         let kind = inst.host.kind();
-        let fd = inst
-            .host
-            .queue(qp as usize)
-            .ok_or_else(|| CallError::Refused(format!("no {} for queue pair {qp}", kind.name())))?;
-        self.call_ok(&Request::AttachFrameIo { kind }, &[fd.as_fd()])?;
+        match inst.host.queue(qp as usize) {
+            Some(fd) => self.call_ok(&Request::AttachFrameIo { kind }, &[fd.as_fd()])?,
+            // A stream not connected now: attached once it is.
+            None if kind == FrameIoKind::Stream => {}
+            None => {
+                return Err(CallError::Refused(format!(
+                    "no {} for queue pair {qp}",
+                    kind.name()
+                )))
+            }
+        }
         if let Some(req) = dev.features_request(inst.host.mtu()) {
             self.call_ok(&req, &[])?;
         }
@@ -475,6 +483,37 @@ impl QueuePair {
             self.call_ok(&req, &fds)?;
         }
         Ok(())
+    }
+
+    /// The host side has a new fd for this queue pair (a stream connected):
+    /// give it to the live worker (the next worker gets it anyway).
+    pub fn attach_frame_io(&mut self, inst: &Instance) {
+        let Some(fd) = inst.host.queue(self.index as usize) else {
+            return;
+        };
+        let kind = inst.host.kind();
+        match self.call_ok(&Request::AttachFrameIo { kind }, &[fd.as_fd()]) {
+            Ok(()) | Err(CallError::NoWorker(_) | CallError::Died(_)) => {}
+            Err(CallError::Refused(m)) => {
+                self.mark_dead(format!("its new {} was refused: {m}", kind.name()))
+            }
+        }
+    }
+
+    /// The worker died: on a stream backend its connection goes to the
+    /// next worker only if the dead one left it at a frame boundary;
+    /// otherwise it is reset (see `qpnet_shared::stream_sync`).
+    fn hand_over_stream(&self, inst: &mut Instance) {
+        let HostSide::Stream(links) = &mut inst.host else {
+            return;
+        };
+        let Some(st) = inst.shared.queue(self.index as usize) else {
+            return;
+        };
+        let bits = st.stream_sync.swap(0, Ordering::AcqRel);
+        if !stream_sync::at_boundary(bits) {
+            links.reset(self.index as usize);
+        }
     }
 
     /// Forget the crash history and start a worker at the loop's next turn,

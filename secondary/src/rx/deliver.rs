@@ -10,6 +10,7 @@
 use crate::datagram::PeerFault;
 use crate::features::{ETH_HLEN, NUM_BUFFERS_OFFSET};
 use crate::ring::RingFault;
+use crate::stream::BadFraming;
 use qpnet_shared::Direction;
 
 use super::{Received, RxRun};
@@ -48,6 +49,13 @@ impl RxRun<'_> {
     pub(super) fn read_failed(&mut self, e: &std::io::Error) -> Received {
         if e.kind() == std::io::ErrorKind::WouldBlock {
             return Received::Empty;
+        }
+        if BadFraming::is(e) {
+            // The stream is shut down; the primary makes a new connection.
+            self.ctx.counters.drop_stream_framing += 1;
+            self.log
+                .dropped(format_args!("the stream peer broke the framing: {e}"));
+            return Received::Failed;
         }
         if PeerFault::of(e) == Some(PeerFault::Gone) {
             // A connected socket reports an earlier send's ICMP or a closed

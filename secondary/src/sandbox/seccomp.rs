@@ -47,6 +47,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_close,
     libc::SYS_fcntl,
     libc::SYS_getsockopt,
+    // A stream peer that broke the framing: its connection is shut down.
+    libc::SYS_shutdown,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
