@@ -147,6 +147,10 @@ const ALLOWED: &[i64] = &[
     libc::SYS_arch_prctl,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // Connecting a stream again to a unix socket of another user, with that
+    // user's file-system identity (`stream::connect_as_owner`).
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
     // A worker's sandbox set-up, before its own filter (`qpnet_secondary`'s
     // sandbox): its user, capabilities, namespaces, Landlock (or an empty
     // root), filter.

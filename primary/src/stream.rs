@@ -29,6 +29,7 @@
 mod spec;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::poll::PollFlags;
@@ -36,6 +37,7 @@ use nix::sys::socket::{
     accept4, bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily,
     Backlog, SockFlag, SockType, SockaddrLike, SockaddrStorage, UnixAddr,
 };
+use nix::unistd::{setfsgid, setfsuid, Gid, Uid};
 
 pub use spec::{parse_stream, StreamSpec, Target};
 
@@ -342,7 +344,13 @@ impl Link {
                 return false;
             }
         };
-        match connect(fd.as_raw_fd(), addr.as_ref()) {
+        let mut result = connect(fd.as_raw_fd(), addr.as_ref());
+        if let (Err(nix::errno::Errno::EACCES), Target::Unix(path)) = (result, &self.target) {
+            if nix::unistd::Uid::effective().is_root() {
+                result = connect_as_owner(&fd, addr.as_ref(), path);
+            }
+        }
+        match result {
             Ok(()) => {
                 self.connected(qp, fd);
                 true
@@ -420,6 +428,30 @@ fn address(target: &Target) -> Result<(AddressFamily, Box<dyn SockaddrLike>), ni
             Box::new(SockaddrStorage::from(*a)),
         ),
     })
+}
+
+/// Connect `fd` to the unix socket at `path` with the file-system
+/// identity of the socket file's owner.
+///
+/// A root primary made its first connections during set-up, with every
+/// capability, so a socket of another user that others may not write
+/// (passt started as root makes its socket as `nobody`, mode 0755) let it
+/// in. Once set up it keeps no CAP_DAC_OVERRIDE, and connecting again after
+/// that peer restarted would be refused (EACCES) forever. It keeps
+/// CAP_SETUID and CAP_SETGID (for its workers), so for this one call it
+/// takes the owner's file-system uid and gid (setfsuid/setfsgid: this
+/// thread only, file access checks only): the access to this path it had at
+/// set-up, no more. Both are restored before it returns.
+fn connect_as_owner(fd: &OwnedFd, addr: &dyn SockaddrLike, path: &Path) -> nix::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EACCES)))?;
+    let old_gid = setfsgid(Gid::from_raw(meta.gid()));
+    let old_uid = setfsuid(Uid::from_raw(meta.uid()));
+    let result = connect(fd.as_raw_fd(), addr);
+    setfsuid(old_uid);
+    setfsgid(old_gid);
+    result
 }
 
 /// A listening socket at `target`: a stale unix socket file (nobody

@@ -275,6 +275,39 @@ fn a_peer_that_goes_away_is_connected_again() -> Result<()> {
     bed.finish()
 }
 
+/// passt started as root makes its socket as `nobody`, mode 0755, which
+/// root without CAP_DAC_OVERRIDE may not connect to. qpnet as root made its
+/// first connection during set-up, with every capability; its primary keeps
+/// none of the file ones afterwards, and must still connect again when such
+/// a peer restarts.
+#[test]
+fn a_peer_socket_of_another_user_is_connected_again_after_the_peer_restarts() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let nobody = nix::unistd::User::from_name("nobody")?.context("no user nobody")?;
+    let mut bed = Bed::new(Kind::Unix, 1)?;
+    bed.tx_round(&[0], 0..8)?;
+    let path = bed.dir.join("peer.sock");
+    // The peer goes away...
+    let stand_in = UnixListener::bind(bed.dir.join("stand-in.sock"))?;
+    drop(std::mem::replace(
+        &mut bed.listeners[0],
+        Listener::Unix(stand_in),
+    ));
+    std::fs::remove_file(&path)?;
+    let (stand_in, _other) = UnixStream::pair()?;
+    drop(std::mem::replace(&mut bed.conns[0], Box::new(stand_in)));
+    // ...and comes back as `nobody`, its socket not writable by others.
+    let l = UnixListener::bind(&path)?;
+    nix::unistd::chown(&path, Some(nobody.uid), Some(nobody.gid))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    l.set_nonblocking(true)?;
+    bed.listeners[0] = Listener::Unix(l);
+    bed.conns[0] = bed.listeners[0].accept().with_context(|| bed.err())?;
+    bed.rx_round(&[0], 100..108)?;
+    bed.tx_round(&[0], 100..108)?;
+    bed.finish()
+}
+
 /// A peer breaking the framing (a length of 0, or above 65,535) has its
 /// connection reset and counted; qpnet connects again and frames flow; a
 /// frame larger than the guest's buffers, and a runt, are dropped and
