@@ -23,9 +23,11 @@
 //!   guest -> host and host -> guest in turn). passt is then SIGKILLed and,
 //!   a second later, a new passt started on the same socket path: qpnet
 //!   must reconnect by itself (the new passt logs the connection, from
-//!   qpnet's primary's pid), and a run that started after the kill must
-//!   end ok in each direction; qpnet's frame counters must have moved past
-//!   their values before the kill, and qpnet must then stop cleanly. The
+//!   qpnet's primary's pid; qpnet logs the end and the new connection),
+//!   and a run that started after the kill must end ok in each direction;
+//!   qpnet's frame counters must have moved past their values before the
+//!   kill, the frames the guest sent meanwhile must be counted
+//!   (`peer_unreachable`), and qpnet must then stop cleanly. The
 //!   outage (kill to the first run ending ok) and the failed runs are
 //!   printed.
 //!
@@ -37,7 +39,7 @@
 //! are printed and kept under /tmp/qpnet-gpasst-<name>/. Timing-sensitive
 //! (TCG guests against deadlines): the tests hold the timing lock.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -190,8 +192,17 @@ fn run_restart(qb: &mut QpnetPasstBed) -> Result<()> {
         before.rx_frames,
         after.rx_frames
     );
+    let unreachable = after.counter("peer_unreachable")?;
+    println!(
+        "qpnet queue pair 0: peer_unreachable {unreachable} (frames dropped while passt was down)"
+    );
+    ensure!(
+        unreachable > 0,
+        "qpnet counted no frame dropped while passt was down (peer_unreachable is 0), though the \
+         guest was sending"
+    );
     qb.qpnet.check_alive()?;
-    print_qpnet_stream_lines(&qb.qpnet);
+    check_qpnet_reconnected(&qb.qpnet, &qb.pb.socket)?;
     println!("whole scenario took {:?}", started.elapsed());
     Ok(())
 }
@@ -217,14 +228,30 @@ fn queue_pair_0(qpnet: &Qpnet) -> Result<QueueDoc> {
     Ok(queues.remove(0))
 }
 
-/// What qpnet logged about its stream peer (printed, for the record).
-fn print_qpnet_stream_lines(qpnet: &Qpnet) {
-    for line in qpnet.stderr().lines() {
-        let l = line.to_ascii_lowercase();
-        if l.contains("stream") || l.contains("peer") || l.contains("connect") {
+/// qpnet logged its stream connection to passt's socket ending and being
+/// made again (its lines are printed, for the record).
+fn check_qpnet_reconnected(qpnet: &Qpnet, socket: &Path) -> Result<()> {
+    let target = format!("unix:{}", socket.display());
+    let ended = format!("the stream connection with {target} ended");
+    let connected = format!("stream connected to {target}");
+    let err = qpnet.stderr();
+    let (mut ends, mut connects) = (0, 0);
+    for line in err.lines() {
+        if line.contains(&ended)
+            || line.contains(&connected)
+            || line.contains("connecting the stream")
+        {
             println!("qpnet: {line}");
         }
+        ends += usize::from(line.contains(&ended));
+        connects += usize::from(line.contains(&connected));
     }
+    ensure!(
+        ends >= 1 && connects >= 2,
+        "qpnet's log shows {ends} end(s) of its stream connection and {connects} connection(s) \
+         to {target}, expected at least 1 and 2 (connected, ended at the kill, connected again)"
+    );
+    Ok(())
 }
 
 /// QEMU's own stream netdev on passt's socket: lease, then both ways.
