@@ -493,6 +493,13 @@ fn host_side_mistakes_are_refused() -> Result<()> {
         EXIT_USAGE,
         &["--tap", "--udp", "cannot be used with"],
     )?;
+    let out = with(&["--tap", TAP_NAME, "--single-peer"])?;
+    ensure_exit(
+        "--single-peer with a TAP",
+        &out,
+        EXIT_USAGE,
+        &["--single-peer", "--tap", "cannot be used with"],
+    )?;
     let out = with(&["--udp", "127.0.0.1:5000"])?;
     ensure_exit(
         "--udp without a remote address",
