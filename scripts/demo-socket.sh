@@ -71,7 +71,11 @@ ip netns exec "$ns" setpriv --reuid="$user" --regid="$group" --clear-groups \
   --udp "127.0.0.1:$qpnet_port,127.0.0.1:$peer_port" --single-peer "${extra[@]}" \
   >"$dir/qpnet.log" 2>&1 &
 qpnet_pid=$!
-for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.1; done
+for _ in $(seq 100); do
+  [ -S "$socket" ] && break
+  kill -0 "$qpnet_pid" 2>/dev/null || break
+  sleep 0.1
+done
 [ -S "$socket" ] || { cat "$dir/qpnet.log" >&2; die "qpnet did not create $socket"; }
 say "qpnet is up (pid $qpnet_pid, uid $(awk '/^Uid:/ { print $2 }' "/proc/$qpnet_pid/status"), CapEff $(awk '/^CapEff:/ { print $2 }' "/proc/$qpnet_pid/status"))"
 
