@@ -7,6 +7,11 @@
 //! - `--unix-dgram LOCAL_PATH,REMOTE_PATH`: queue pair K binds LOCAL_PATH.K
 //!   and sends to REMOTE_PATH.K when there is more than one queue pair; a
 //!   single queue pair uses the paths as given.
+//! - With `--single-peer` ([`Remotes::Single`]) every queue pair sends to
+//!   REMOTE as given (REMOTE_IP:PORT, REMOTE_PATH) and only the local side
+//!   moves with K: for a peer with one unconnected socket, such as one QEMU
+//!   `-netdev dgram`, which receives from every queue pair but sends to
+//!   queue pair 0's address only.
 //!
 //! The primary creates, binds and connects every socket (nonblocking,
 //! CLOEXEC) before any worker starts, and hands each to its worker like a
@@ -42,6 +47,20 @@ pub enum DgramSpec {
         /// The path connected to.
         remote: PathBuf,
     },
+}
+
+/// Where queue pair K's socket sends: the remote side's layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Remotes {
+    /// Queue pair K sends to REMOTE PORT+K (REMOTE_PATH.K): the peer has one
+    /// socket per queue pair.
+    #[default]
+    PerQueuePair,
+    /// Every queue pair sends to REMOTE as given: the peer has one socket
+    /// (`--single-peer`). What the peer sends goes to queue pair 0's
+    /// address, so it reaches the guest on RX queue 0 only; the guest's TX
+    /// leaves through every queue pair.
+    Single,
 }
 
 /// Why a spec or a socket was refused. Each message names the fix.
@@ -138,11 +157,13 @@ pub fn parse_unix(s: &str) -> Result<DgramSpec, String> {
 }
 
 impl DgramSpec {
-    /// Queue pair `qp`'s (local, remote) UDP addresses: PORT+`qp` on both.
+    /// Queue pair `qp`'s (local, remote) UDP addresses: PORT+`qp` on both,
+    /// or on the local side only with [`Remotes::Single`].
     pub fn udp_addrs(
         local: SocketAddr,
         remote: SocketAddr,
         qp: u16,
+        remotes: Remotes,
     ) -> Result<(SocketAddr, SocketAddr), DgramError> {
         let shift = |mut a: SocketAddr| {
             let port = a
@@ -152,16 +173,22 @@ impl DgramSpec {
             a.set_port(port);
             Ok::<_, DgramError>(a)
         };
-        Ok((shift(local)?, shift(remote)?))
+        let remote = match remotes {
+            Remotes::PerQueuePair => shift(remote)?,
+            Remotes::Single => remote,
+        };
+        Ok((shift(local)?, remote))
     }
 
     /// Queue pair `qp`'s (local, remote) paths: `.qp` appended to both when
-    /// there are `queue_pairs > 1`.
+    /// there are `queue_pairs > 1` (to the local one only with
+    /// [`Remotes::Single`]).
     pub fn unix_paths(
         local: &Path,
         remote: &Path,
         qp: u16,
         queue_pairs: u16,
+        remotes: Remotes,
     ) -> (PathBuf, PathBuf) {
         if queue_pairs <= 1 {
             return (local.to_path_buf(), remote.to_path_buf());
@@ -171,15 +198,25 @@ impl DgramSpec {
             s.push(format!(".{qp}"));
             PathBuf::from(s)
         };
-        (suffixed(local), suffixed(remote))
+        let remote = match remotes {
+            Remotes::PerQueuePair => suffixed(remote),
+            Remotes::Single => remote.to_path_buf(),
+        };
+        (suffixed(local), remote)
     }
 
     /// The QEMU `-netdev dgram` options of a peer of queue pair `qp`: its
-    /// local address is our remote one and the other way round.
-    pub fn qemu_peer(&self, qp: u16, queue_pairs: u16) -> Result<String, DgramError> {
+    /// local address is our remote one and the other way round. With
+    /// [`Remotes::Single`], the peer of queue pair 0 is the peer of all.
+    pub fn qemu_peer(
+        &self,
+        qp: u16,
+        queue_pairs: u16,
+        remotes: Remotes,
+    ) -> Result<String, DgramError> {
         Ok(match self {
             DgramSpec::Udp { local, remote } => {
-                let (l, r) = DgramSpec::udp_addrs(*local, *remote, qp)?;
+                let (l, r) = DgramSpec::udp_addrs(*local, *remote, qp, remotes)?;
                 format!(
                     "-netdev dgram,id=peer{qp},local.type=inet,local.host={},local.port={},remote.type=inet,remote.host={},remote.port={}",
                     r.ip(),
@@ -189,7 +226,7 @@ impl DgramSpec {
                 )
             }
             DgramSpec::Unix { local, remote } => {
-                let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs);
+                let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs, remotes);
                 format!(
                     "-netdev dgram,id=peer{qp},local.type=unix,local.path={},remote.type=unix,remote.path={}",
                     r.display(),
@@ -200,17 +237,26 @@ impl DgramSpec {
     }
 
     /// A one-line description, for the log.
-    pub fn describe(&self, queue_pairs: u16) -> String {
-        match self {
-            DgramSpec::Udp { local, remote } => {
+    pub fn describe(&self, queue_pairs: u16, remotes: Remotes) -> String {
+        match (self, remotes) {
+            (DgramSpec::Udp { local, remote }, Remotes::PerQueuePair) => {
                 format!("UDP {local} -> {remote} (port +K for queue pair K of {queue_pairs})")
             }
-            DgramSpec::Unix { local, remote } if queue_pairs > 1 => format!(
+            (DgramSpec::Udp { local, remote }, Remotes::Single) => format!(
+                "UDP {local} -> {remote} (local port +K for queue pair K of {queue_pairs}, \
+                 one peer socket for all)"
+            ),
+            (DgramSpec::Unix { local, remote }, Remotes::Single) if queue_pairs > 1 => format!(
+                "unix datagram {}.K -> {} (K < {queue_pairs}, one peer socket for all)",
+                local.display(),
+                remote.display()
+            ),
+            (DgramSpec::Unix { local, remote }, _) if queue_pairs > 1 => format!(
                 "unix datagram {}.K -> {}.K (K < {queue_pairs})",
                 local.display(),
                 remote.display()
             ),
-            DgramSpec::Unix { local, remote } => {
+            (DgramSpec::Unix { local, remote }, _) => {
                 format!("unix datagram {} -> {}", local.display(), remote.display())
             }
         }
@@ -227,7 +273,11 @@ pub struct DgramSockets {
 
 impl DgramSockets {
     /// Create, bind and connect one socket per queue pair.
-    pub fn open(spec: &DgramSpec, queue_pairs: u16) -> Result<DgramSockets, DgramError> {
+    pub fn open(
+        spec: &DgramSpec,
+        queue_pairs: u16,
+        remotes: Remotes,
+    ) -> Result<DgramSockets, DgramError> {
         let mut out = DgramSockets {
             sockets: Vec::with_capacity(queue_pairs as usize),
             bound_paths: Vec::new(),
@@ -235,11 +285,11 @@ impl DgramSockets {
         for qp in 0..queue_pairs {
             let fd = match spec {
                 DgramSpec::Udp { local, remote } => {
-                    let (l, r) = DgramSpec::udp_addrs(*local, *remote, qp)?;
+                    let (l, r) = DgramSpec::udp_addrs(*local, *remote, qp, remotes)?;
                     open_udp(l, r)?
                 }
                 DgramSpec::Unix { local, remote } => {
-                    let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs);
+                    let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs, remotes);
                     open_unix(&l, &r, &mut out.bound_paths)?
                 }
             };
