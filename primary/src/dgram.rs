@@ -25,6 +25,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
     bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr,
@@ -269,7 +270,28 @@ impl DgramSpec {
 pub struct DgramSockets {
     sockets: Vec<OwnedFd>,
     bound_paths: Vec<PathBuf>,
+    /// Unix sockets: each queue pair's remote path and how it is revived.
+    unix_peers: Vec<UnixPeer>,
+    /// When `revive` looks next.
+    next_look: Instant,
 }
+
+/// A unix datagram socket's peer, which can go away and come back on the
+/// same path (a restarted QEMU): the socket must then be connected again.
+#[derive(Debug)]
+struct UnixPeer {
+    remote: PathBuf,
+    /// `peer_unreachable` as last seen.
+    seen: u64,
+    /// When to connect again (the peer is gone).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+/// How often the primary looks for unix datagram peers that went away.
+pub const PEER_LOOK: Duration = Duration::from_millis(250);
+/// The longest wait between two connects to a peer that is not back.
+const MAX_PEER_RETRY: Duration = Duration::from_secs(2);
 
 impl DgramSockets {
     /// Create, bind and connect one socket per queue pair.
@@ -281,6 +303,8 @@ impl DgramSockets {
         let mut out = DgramSockets {
             sockets: Vec::with_capacity(queue_pairs as usize),
             bound_paths: Vec::new(),
+            unix_peers: Vec::new(),
+            next_look: Instant::now() + PEER_LOOK,
         };
         for qp in 0..queue_pairs {
             let fd = match spec {
@@ -290,12 +314,66 @@ impl DgramSockets {
                 }
                 DgramSpec::Unix { local, remote } => {
                     let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs, remotes);
-                    open_unix(&l, &r, &mut out.bound_paths)?
+                    let fd = open_unix(&l, &r, &mut out.bound_paths)?;
+                    out.unix_peers.push(UnixPeer {
+                        remote: r,
+                        seen: 0,
+                        retry_at: None,
+                        backoff: PEER_LOOK,
+                    });
+                    fd
                 }
             };
             out.sockets.push(fd);
         }
         Ok(out)
+    }
+
+    /// When [`DgramSockets::revive`] wants to run next (unix sockets only).
+    pub fn deadline(&self) -> Option<Instant> {
+        (!self.unix_peers.is_empty()).then_some(self.next_look)
+    }
+
+    /// Connect unix sockets whose peer went away to their remote path
+    /// again, so a peer restarted there (a new socket on the same path) is
+    /// reached: a socket stays connected to the dead one otherwise.
+    /// `unreachable(qp)` is queue pair `qp`'s `peer_unreachable` counter;
+    /// when it moved, connects are tried with a back-off from 250 ms to
+    /// 2 s until one works. Runs at most every [`PEER_LOOK`].
+    pub fn revive(&mut self, unreachable: impl Fn(usize) -> u64) {
+        let now = Instant::now();
+        if self.unix_peers.is_empty() || now < self.next_look {
+            return;
+        }
+        self.next_look = now + PEER_LOOK;
+        for (qp, (peer, fd)) in self.unix_peers.iter_mut().zip(&self.sockets).enumerate() {
+            let v = unreachable(qp);
+            if v > peer.seen {
+                peer.seen = v;
+                peer.retry_at.get_or_insert(now);
+            }
+            if !peer.retry_at.is_some_and(|t| t <= now) {
+                continue;
+            }
+            let addr = match UnixAddr::new(peer.remote.as_path()) {
+                Ok(a) => a,
+                Err(_) => continue,
+            };
+            match connect(fd.as_raw_fd(), &addr) {
+                Ok(()) => {
+                    log::info!(
+                        "queue pair {qp}: connected again to the unix datagram peer {}",
+                        peer.remote.display()
+                    );
+                    peer.retry_at = None;
+                    peer.backoff = PEER_LOOK;
+                }
+                Err(_) => {
+                    peer.retry_at = Some(now + peer.backoff);
+                    peer.backoff = (peer.backoff * 2).min(MAX_PEER_RETRY);
+                }
+            }
+        }
     }
 
     /// The socket of queue pair `qp`.
