@@ -352,7 +352,7 @@ impl DgramSockets {
                 peer.seen = v;
                 peer.retry_at.get_or_insert(now);
             }
-            if !peer.retry_at.is_some_and(|t| t <= now) {
+            if peer.retry_at.is_none_or(|t| t > now) {
                 continue;
             }
             let addr = match UnixAddr::new(peer.remote.as_path()) {
