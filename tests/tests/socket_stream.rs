@@ -51,6 +51,11 @@ impl Bed {
     }
 
     fn with(kind: Kind, qps: u16, extra: &[&str]) -> Result<Bed> {
+        Bed::build(kind, qps, extra, None)
+    }
+
+    /// `user`: run qpnet as that user (no capability).
+    fn build(kind: Kind, qps: u16, extra: &[&str], user: Option<&str>) -> Result<Bed> {
         let ns = NetNs::new()?;
         let dir = std::env::temp_dir().join(format!("{}-stream", qpnet_tests::unique_name()));
         std::fs::create_dir_all(&dir)?;
@@ -67,6 +72,11 @@ impl Bed {
                     Kind::Unix => {
                         let l = UnixListener::bind(path(k))?;
                         l.set_nonblocking(true)?;
+                        // Any user may connect (qpnet may run as one).
+                        std::fs::set_permissions(
+                            path(k),
+                            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+                        )?;
                         Listener::Unix(l)
                     }
                     Kind::Tcp => ns.run(|| {
@@ -82,10 +92,13 @@ impl Bed {
             Kind::Unix => format!("unix:{}", dir.join("peer.sock").display()),
             Kind::Tcp => format!("tcp:127.0.0.1:{PORT}"),
         };
-        let opts = Options {
+        let mut opts = Options {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ..Options::host(&["--stream", &spec])
         };
+        if let Some(u) = user {
+            opts = opts.as_user(u);
+        }
         let qpnet = Qpnet::start_opts(&ns, "", qps, &opts)?;
         let conns = listeners
             .iter()
@@ -237,6 +250,34 @@ fn unix_stream_four_queue_pairs_each_on_its_own_connection() -> Result<()> {
 #[test]
 fn tcp_stream_two_queue_pairs_each_on_port_plus_k() -> Result<()> {
     both_ways(Kind::Tcp, 2)
+}
+
+/// qpnet as `nobody`, with no capability, connects to the peer's unix
+/// socket and serves both ways.
+#[test]
+fn unprivileged_qpnet_serves_over_a_stream() -> Result<()> {
+    let mut bed = Bed::build(Kind::Unix, 2, &[], Some("nobody"))?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", bed.qpnet.pid()))?;
+    let line = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or("")
+            .to_string()
+    };
+    ensure!(
+        !line("Uid:").contains("\t0\t"),
+        "qpnet runs as root: {}",
+        line("Uid:")
+    );
+    ensure!(
+        line("CapEff:").ends_with("0000000000000000"),
+        "qpnet has capabilities: {}",
+        line("CapEff:")
+    );
+    bed.tx_round(&[0, 1], 0..FRAMES)?;
+    bed.rx_round(&[0, 1], 0..FRAMES)?;
+    bed.finish()
 }
 
 /// The peer of queue pair 0 goes away and comes back: qpnet connects again,
