@@ -208,6 +208,11 @@ impl Bed {
     /// boundary), then to connect again.
     fn expect_reconnect(&mut self, qp: usize) -> Result<()> {
         while read_frame(self.conns[qp].as_mut())?.is_some() {}
+        self.expect_reconnect_now(qp)
+    }
+
+    /// The connection of `qp` ended: take qpnet's next one.
+    fn expect_reconnect_now(&mut self, qp: usize) -> Result<()> {
         self.conns[qp] = self.listeners[qp].accept().with_context(|| self.err())?;
         Ok(())
     }
@@ -583,4 +588,48 @@ fn listening_qpnet_takes_one_peer_at_a_time() -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
+}
+
+/// A worker that stops (SIGSTOP: wedged) while the guest sends is killed
+/// by the watchdog and replaced; the stream goes on (handed over or made
+/// again) and frames flow both ways.
+#[test]
+fn a_wedged_worker_on_a_stream_is_replaced_by_the_watchdog() -> Result<()> {
+    let mut bed = Bed::with(Kind::Unix, 1, &["--watchdog-ms", "300"])?;
+    bed.tx_round(&[0], 0..8)?;
+    let pid = bed
+        .qpnet
+        .stats()?
+        .queue(0)
+        .context("queue 0")?
+        .pid
+        .load(std::sync::atomic::Ordering::Relaxed);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )?;
+    let frames: Vec<Vec<u8>> = (100..104).map(|s| tx_frame(0, s)).collect();
+    for f in &frames {
+        ensure!(bed.vmm.tx[0].try_push(f)?, "the TX ring is full");
+    }
+    bed.vmm.tx[0].flush();
+    bed.wait_counter("restarts", 0, 1, |q| &q.restarts)?;
+    ensure!(
+        bed.qpnet.stderr().contains("wedged"),
+        "the watchdog did not say why; {}",
+        bed.err()
+    );
+    // The new worker sends the frames the wedged one left in the ring.
+    for f in &frames {
+        let got = loop {
+            match read_frame(bed.conns[0].as_mut())? {
+                Some(got) => break got,
+                None => bed.expect_reconnect_now(0)?,
+            }
+        };
+        ensure!(&got == f, "a frame differs after the watchdog");
+    }
+    bed.tx_round(&[0], 200..216)?;
+    bed.rx_round(&[0], 200..216)?;
+    bed.finish()
 }
