@@ -389,6 +389,8 @@ fn listening_qpnet_takes_one_peer_at_a_time() -> Result<()> {
 fn a_wedged_worker_on_a_stream_is_replaced_by_the_watchdog() -> Result<()> {
     let mut bed = Bed::with(Kind::Unix, 1, &["--watchdog-ms", "300"])?;
     bed.tx_round(&[0], 0..8)?;
+    // Every chain completed: the worker is idle, between frames.
+    bed.vmm.tx[0].wait_idle(TIMEOUT)?;
     let pid = bed
         .qpnet
         .stats()?
@@ -419,7 +421,13 @@ fn a_wedged_worker_on_a_stream_is_replaced_by_the_watchdog() -> Result<()> {
                 None => bed.expect_reconnect_now(0)?,
             }
         };
-        ensure!(&got == f, "a frame differs after the watchdog");
+        let seq = (0..300).find(|&s| tx_frame(0, s) == got);
+        ensure!(
+            &got == f,
+            "after the watchdog: frame {seq:?} ({} bytes) instead of the next one left in the ring; {}",
+            got.len(),
+            bed.err()
+        );
     }
     bed.tx_round(&[0], 200..216)?;
     bed.rx_round(&[0], 200..216)?;
