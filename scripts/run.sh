@@ -2,7 +2,7 @@
 # run.sh: install what is missing, build qpnet, and run it under the
 # supervisor (scripts/qpnet-supervise) until Ctrl-C.
 #
-# usage: sudo scripts/run.sh [--demo] [--socket PATH] [--tap NAME]
+# usage: sudo scripts/run.sh [--demo | --demo-socket] [--socket PATH] [--tap NAME]
 #                            [--queue-pairs N] [--name NAME] [-- MORE-RUN-OPTIONS]
 #   default: --socket /run/qpnet/NAME.sock --tap qpnet0 --name qpnet,
 #            queue pairs = number of CPUs (at most 16)
@@ -11,32 +11,61 @@
 #            a small Linux guest under QEMU (10.77.0.2) that pings and runs
 #            iperf3 both ways through qpnet; then shows `qpnet stats`, and
 #            keeps qpnet running until Ctrl-C.
+#   --demo-socket
+#            no TAP and no privilege for qpnet: in a network namespace
+#            "qpnet-demo-socket", qpnet runs as user nobody with 2 queue
+#            pairs on its UDP backend (127.0.0.1:5000+K, --single-peer to
+#            127.0.0.1:6000); guest A (10.77.0.2) is served by qpnet over
+#            vhost-user, guest B (10.77.0.3) by QEMU's own -netdev dgram on
+#            127.0.0.1:6000. They ping each other and A runs iperf3 both
+#            ways against B; then it shows `qpnet stats`, stops everything
+#            and exits 0 on success, 1 on failure (scripts/demo-socket.sh).
+#            --name names the instance; --socket, --tap and --queue-pairs
+#            are refused.
+#   Builds into $CARGO_TARGET_DIR when it is set (default target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 
-demo=0; socket=""; tap=""; qp=""; name=""; extra=()
+demo=0; demo_socket=0; socket=""; tap=""; qp=""; name=""; extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --demo) demo=1; shift ;;
+    --demo-socket) demo_socket=1; shift ;;
     --socket) socket="$2"; shift 2 ;;
     --tap) tap="$2"; shift 2 ;;
     --queue-pairs) qp="$2"; shift 2 ;;
     --name) name="$2"; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+if [ "$demo" = 1 ] && [ "$demo_socket" = 1 ]; then
+  echo "run.sh: --demo and --demo-socket are exclusive (see --help)" >&2
+  exit 2
+fi
+if [ "$demo_socket" = 1 ] && [ -n "$socket$tap$qp" ]; then
+  echo "run.sh: --demo-socket chooses its own socket, host side and queue pairs: drop --socket, --tap and --queue-pairs" >&2
+  exit 2
+fi
 if [ "$(id -u)" != 0 ]; then
-  echo "run.sh: qpnet opens TAP devices (CAP_NET_ADMIN): run as root (sudo scripts/run.sh)" >&2
+  if [ "$demo_socket" = 1 ]; then
+    echo "run.sh: --demo-socket creates a network namespace and starts qpnet as nobody: run as root (sudo scripts/run.sh --demo-socket)" >&2
+  else
+    echo "run.sh: qpnet opens TAP devices (CAP_NET_ADMIN): run as root (sudo scripts/run.sh)" >&2
+  fi
   exit 1
 fi
 
 bash scripts/install-deps.sh run
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release -p qpnet-primary
-qpnet="$repo/target/release/qpnet"
+qpnet="${CARGO_TARGET_DIR:-$repo/target}/release/qpnet"
+
+if [ "$demo_socket" = 1 ]; then
+  exec scripts/demo-socket.sh "$qpnet" "${name:-demo-socket}" "${extra[@]}"
+fi
 
 if [ "$demo" = 0 ]; then
   name="${name:-qpnet}"

@@ -43,6 +43,13 @@ pub struct RunArgs {
     /// Where frames go: exactly one of --tap, --udp, --unix-dgram, --stream.
     #[command(flatten)]
     pub host: HostArgs,
+    /// With --udp or --unix-dgram: every queue pair sends to REMOTE as given
+    /// (not REMOTE PORT+K, REMOTE_PATH.K), for a peer with one unconnected
+    /// socket such as one QEMU `-netdev dgram` pointed at queue pair 0's
+    /// address. The peer's frames then reach the guest on queue pair 0
+    /// only; the guest's TX leaves through every queue pair.
+    #[arg(long, conflicts_with_all = ["tap", "stream"])]
+    pub single_peer: bool,
     /// Number of queue pairs (1..=16), each served by its own worker
     /// process. Default: the number of CPUs, at most 16.
     #[arg(long, value_name = "N", value_parser = parse_queue_pairs, allow_negative_numbers = true)]

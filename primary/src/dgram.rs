@@ -7,6 +7,11 @@
 //! - `--unix-dgram LOCAL_PATH,REMOTE_PATH`: queue pair K binds LOCAL_PATH.K
 //!   and sends to REMOTE_PATH.K when there is more than one queue pair; a
 //!   single queue pair uses the paths as given.
+//! - With `--single-peer` ([`Remotes::Single`]) every queue pair sends to
+//!   REMOTE as given (REMOTE_IP:PORT, REMOTE_PATH) and only the local side
+//!   moves with K: for a peer with one unconnected socket, such as one QEMU
+//!   `-netdev dgram`, which receives from every queue pair but sends to
+//!   queue pair 0's address only.
 //!
 //! The primary creates, binds and connects every socket (nonblocking,
 //! CLOEXEC) before any worker starts, and hands each to its worker like a
@@ -20,6 +25,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
     bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr,
@@ -42,6 +48,20 @@ pub enum DgramSpec {
         /// The path connected to.
         remote: PathBuf,
     },
+}
+
+/// Where queue pair K's socket sends: the remote side's layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Remotes {
+    /// Queue pair K sends to REMOTE PORT+K (REMOTE_PATH.K): the peer has one
+    /// socket per queue pair.
+    #[default]
+    PerQueuePair,
+    /// Every queue pair sends to REMOTE as given: the peer has one socket
+    /// (`--single-peer`). What the peer sends goes to queue pair 0's
+    /// address, so it reaches the guest on RX queue 0 only; the guest's TX
+    /// leaves through every queue pair.
+    Single,
 }
 
 /// Why a spec or a socket was refused. Each message names the fix.
@@ -138,11 +158,13 @@ pub fn parse_unix(s: &str) -> Result<DgramSpec, String> {
 }
 
 impl DgramSpec {
-    /// Queue pair `qp`'s (local, remote) UDP addresses: PORT+`qp` on both.
+    /// Queue pair `qp`'s (local, remote) UDP addresses: PORT+`qp` on both,
+    /// or on the local side only with [`Remotes::Single`].
     pub fn udp_addrs(
         local: SocketAddr,
         remote: SocketAddr,
         qp: u16,
+        remotes: Remotes,
     ) -> Result<(SocketAddr, SocketAddr), DgramError> {
         let shift = |mut a: SocketAddr| {
             let port = a
@@ -152,16 +174,22 @@ impl DgramSpec {
             a.set_port(port);
             Ok::<_, DgramError>(a)
         };
-        Ok((shift(local)?, shift(remote)?))
+        let remote = match remotes {
+            Remotes::PerQueuePair => shift(remote)?,
+            Remotes::Single => remote,
+        };
+        Ok((shift(local)?, remote))
     }
 
     /// Queue pair `qp`'s (local, remote) paths: `.qp` appended to both when
-    /// there are `queue_pairs > 1`.
+    /// there are `queue_pairs > 1` (to the local one only with
+    /// [`Remotes::Single`]).
     pub fn unix_paths(
         local: &Path,
         remote: &Path,
         qp: u16,
         queue_pairs: u16,
+        remotes: Remotes,
     ) -> (PathBuf, PathBuf) {
         if queue_pairs <= 1 {
             return (local.to_path_buf(), remote.to_path_buf());
@@ -171,15 +199,25 @@ impl DgramSpec {
             s.push(format!(".{qp}"));
             PathBuf::from(s)
         };
-        (suffixed(local), suffixed(remote))
+        let remote = match remotes {
+            Remotes::PerQueuePair => suffixed(remote),
+            Remotes::Single => remote.to_path_buf(),
+        };
+        (suffixed(local), remote)
     }
 
     /// The QEMU `-netdev dgram` options of a peer of queue pair `qp`: its
-    /// local address is our remote one and the other way round.
-    pub fn qemu_peer(&self, qp: u16, queue_pairs: u16) -> Result<String, DgramError> {
+    /// local address is our remote one and the other way round. With
+    /// [`Remotes::Single`], the peer of queue pair 0 is the peer of all.
+    pub fn qemu_peer(
+        &self,
+        qp: u16,
+        queue_pairs: u16,
+        remotes: Remotes,
+    ) -> Result<String, DgramError> {
         Ok(match self {
             DgramSpec::Udp { local, remote } => {
-                let (l, r) = DgramSpec::udp_addrs(*local, *remote, qp)?;
+                let (l, r) = DgramSpec::udp_addrs(*local, *remote, qp, remotes)?;
                 format!(
                     "-netdev dgram,id=peer{qp},local.type=inet,local.host={},local.port={},remote.type=inet,remote.host={},remote.port={}",
                     r.ip(),
@@ -189,7 +227,7 @@ impl DgramSpec {
                 )
             }
             DgramSpec::Unix { local, remote } => {
-                let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs);
+                let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs, remotes);
                 format!(
                     "-netdev dgram,id=peer{qp},local.type=unix,local.path={},remote.type=unix,remote.path={}",
                     r.display(),
@@ -200,17 +238,26 @@ impl DgramSpec {
     }
 
     /// A one-line description, for the log.
-    pub fn describe(&self, queue_pairs: u16) -> String {
-        match self {
-            DgramSpec::Udp { local, remote } => {
+    pub fn describe(&self, queue_pairs: u16, remotes: Remotes) -> String {
+        match (self, remotes) {
+            (DgramSpec::Udp { local, remote }, Remotes::PerQueuePair) => {
                 format!("UDP {local} -> {remote} (port +K for queue pair K of {queue_pairs})")
             }
-            DgramSpec::Unix { local, remote } if queue_pairs > 1 => format!(
+            (DgramSpec::Udp { local, remote }, Remotes::Single) => format!(
+                "UDP {local} -> {remote} (local port +K for queue pair K of {queue_pairs}, \
+                 one peer socket for all)"
+            ),
+            (DgramSpec::Unix { local, remote }, Remotes::Single) if queue_pairs > 1 => format!(
+                "unix datagram {}.K -> {} (K < {queue_pairs}, one peer socket for all)",
+                local.display(),
+                remote.display()
+            ),
+            (DgramSpec::Unix { local, remote }, _) if queue_pairs > 1 => format!(
                 "unix datagram {}.K -> {}.K (K < {queue_pairs})",
                 local.display(),
                 remote.display()
             ),
-            DgramSpec::Unix { local, remote } => {
+            (DgramSpec::Unix { local, remote }, _) => {
                 format!("unix datagram {} -> {}", local.display(), remote.display())
             }
         }
@@ -223,29 +270,110 @@ impl DgramSpec {
 pub struct DgramSockets {
     sockets: Vec<OwnedFd>,
     bound_paths: Vec<PathBuf>,
+    /// Unix sockets: each queue pair's remote path and how it is revived.
+    unix_peers: Vec<UnixPeer>,
+    /// When `revive` looks next.
+    next_look: Instant,
 }
+
+/// A unix datagram socket's peer, which can go away and come back on the
+/// same path (a restarted QEMU): the socket must then be connected again.
+#[derive(Debug)]
+struct UnixPeer {
+    remote: PathBuf,
+    /// `peer_unreachable` as last seen.
+    seen: u64,
+    /// When to connect again (the peer is gone).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+/// How often the primary looks for unix datagram peers that went away.
+pub const PEER_LOOK: Duration = Duration::from_millis(250);
+/// The longest wait between two connects to a peer that is not back.
+const MAX_PEER_RETRY: Duration = Duration::from_secs(2);
 
 impl DgramSockets {
     /// Create, bind and connect one socket per queue pair.
-    pub fn open(spec: &DgramSpec, queue_pairs: u16) -> Result<DgramSockets, DgramError> {
+    pub fn open(
+        spec: &DgramSpec,
+        queue_pairs: u16,
+        remotes: Remotes,
+    ) -> Result<DgramSockets, DgramError> {
         let mut out = DgramSockets {
             sockets: Vec::with_capacity(queue_pairs as usize),
             bound_paths: Vec::new(),
+            unix_peers: Vec::new(),
+            next_look: Instant::now() + PEER_LOOK,
         };
         for qp in 0..queue_pairs {
             let fd = match spec {
                 DgramSpec::Udp { local, remote } => {
-                    let (l, r) = DgramSpec::udp_addrs(*local, *remote, qp)?;
+                    let (l, r) = DgramSpec::udp_addrs(*local, *remote, qp, remotes)?;
                     open_udp(l, r)?
                 }
                 DgramSpec::Unix { local, remote } => {
-                    let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs);
-                    open_unix(&l, &r, &mut out.bound_paths)?
+                    let (l, r) = DgramSpec::unix_paths(local, remote, qp, queue_pairs, remotes);
+                    let fd = open_unix(&l, &r, &mut out.bound_paths)?;
+                    out.unix_peers.push(UnixPeer {
+                        remote: r,
+                        seen: 0,
+                        retry_at: None,
+                        backoff: PEER_LOOK,
+                    });
+                    fd
                 }
             };
             out.sockets.push(fd);
         }
         Ok(out)
+    }
+
+    /// When [`DgramSockets::revive`] wants to run next (unix sockets only).
+    pub fn deadline(&self) -> Option<Instant> {
+        (!self.unix_peers.is_empty()).then_some(self.next_look)
+    }
+
+    /// Connect unix sockets whose peer went away to their remote path
+    /// again, so a peer restarted there (a new socket on the same path) is
+    /// reached: a socket stays connected to the dead one otherwise.
+    /// `unreachable(qp)` is queue pair `qp`'s `peer_unreachable` counter;
+    /// when it moved, connects are tried with a back-off from 250 ms to
+    /// 2 s until one works. Runs at most every [`PEER_LOOK`].
+    pub fn revive(&mut self, unreachable: impl Fn(usize) -> u64) {
+        let now = Instant::now();
+        if self.unix_peers.is_empty() || now < self.next_look {
+            return;
+        }
+        self.next_look = now + PEER_LOOK;
+        for (qp, (peer, fd)) in self.unix_peers.iter_mut().zip(&self.sockets).enumerate() {
+            let v = unreachable(qp);
+            if v > peer.seen {
+                peer.seen = v;
+                peer.retry_at.get_or_insert(now);
+            }
+            if peer.retry_at.is_none_or(|t| t > now) {
+                continue;
+            }
+            let addr = match UnixAddr::new(peer.remote.as_path()) {
+                Ok(a) => a,
+                Err(_) => continue,
+            };
+            match connect(fd.as_raw_fd(), &addr) {
+                Ok(()) => {
+                    log::info!(
+                        "queue pair {qp}: connected again to the unix datagram peer {}",
+                        peer.remote.display()
+                    );
+                    peer.retry_at = None;
+                    peer.backoff = PEER_LOOK;
+                }
+                Err(_) => {
+                    peer.retry_at = Some(now + peer.backoff);
+                    peer.backoff = (peer.backoff * 2).min(MAX_PEER_RETRY);
+                }
+            }
+        }
     }
 
     /// The socket of queue pair `qp`.

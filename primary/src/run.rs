@@ -15,7 +15,7 @@ use crate::access::{self, Access};
 use crate::backend::Backend;
 use crate::cli::{self, RunArgs};
 use crate::device::{Device, DeviceConfig};
-use crate::dgram::DgramSockets;
+use crate::dgram::{DgramSockets, Remotes};
 use crate::frame_io::HostSide;
 use crate::runtime::{self, RuntimeDir};
 use crate::server::{self, Endpoint, Server};
@@ -182,9 +182,21 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     if let Some(spec) = args.host.udp.as_ref().or(args.host.unix_dgram.as_ref()) {
-        eprintln!("a QEMU peer on the other end of queue pair K (one netdev per queue pair):");
-        for k in 0..qp {
-            if let Ok(line) = spec.qemu_peer(k, qp) {
+        let remotes = remotes(&args);
+        let peers = match remotes {
+            Remotes::PerQueuePair => {
+                eprintln!(
+                    "a QEMU peer on the other end of queue pair K (one netdev per queue pair):"
+                );
+                qp
+            }
+            Remotes::Single => {
+                eprintln!("a QEMU peer on the other end of every queue pair (--single-peer):");
+                1
+            }
+        };
+        for k in 0..peers {
+            if let Ok(line) = spec.qemu_peer(k, qp, remotes) {
                 eprintln!("  {line}");
             }
         }
@@ -226,8 +238,18 @@ fn open_host(args: &RunArgs, qp: u16) -> Result<HostSide> {
         .as_ref()
         .or(h.unix_dgram.as_ref())
         .context("no --tap, --udp, --unix-dgram or --stream")?;
-    let sockets = DgramSockets::open(spec, qp).context("opening the datagram sockets")?;
+    let sockets =
+        DgramSockets::open(spec, qp, remotes(args)).context("opening the datagram sockets")?;
     Ok(HostSide::Datagram(sockets))
+}
+
+/// The datagram backend's remote layout (`--single-peer`).
+fn remotes(args: &RunArgs) -> Remotes {
+    if args.single_peer {
+        Remotes::Single
+    } else {
+        Remotes::PerQueuePair
+    }
 }
 
 fn describe_host(args: &RunArgs, host: &HostSide, qp: u16) -> String {
@@ -240,7 +262,7 @@ fn describe_host(args: &RunArgs, host: &HostSide, qp: u16) -> String {
             t.name(),
             if t.created() { "created" } else { "existing" }
         ),
-        (HostSide::Datagram(_), Some(spec)) => spec.describe(qp),
+        (HostSide::Datagram(_), Some(spec)) => spec.describe(qp, remotes(args)),
         (HostSide::Datagram(_), None) => "datagram sockets".to_string(),
         (HostSide::Stream(s), _) => s.spec().describe(qp, s.listens()),
     }

@@ -1,12 +1,13 @@
 #!/bin/bash
 # Boot the qpnet test guest under QEMU (TCG) with its virtio-net device backed
-# by a vhost-user backend (qpnet, or any other), OR by QEMU's own TAP
-# netdev (the in-process baseline), OR by QEMU's own stream netdev on a unix
-# socket (a peer such as passt, without qpnet), pass it its instructions on the kernel
+# by a vhost-user backend (qpnet, or any other), by QEMU's own TAP netdev
+# (the in-process baseline), by QEMU's own UDP datagram netdev (a peer of
+# qpnet's --udp backend) or by QEMU's own stream netdev on a unix socket (a
+# peer such as passt, without qpnet), pass it its instructions on the kernel
 # command line, keep its serial console in a log file and exit with its
 # verdict.
 #
-# Usage: scripts/guest/run-guest.sh (--vhost-user SOCK | --tap NAME | --stream SOCK) [options]
+# Usage: scripts/guest/run-guest.sh (--vhost-user SOCK | --tap NAME | --dgram L,R | --stream SOCK) [options]
 #   --vhost-user SOCK  QEMU connects to the backend listening on SOCK
 #   --server           with --vhost-user: QEMU listens on SOCK instead
 #                      (server=on,wait=off) and the backend connects
@@ -14,9 +15,15 @@
 #   --tap NAME         QEMU's own -netdev tap on TAP NAME (QEMU sets
 #                      IFF_MULTI_QUEUE only when --queues > 1: a
 #                      multi_queue TAP needs --queues >= 2)
-#   --stream SOCK      QEMU's own -netdev stream, connecting to SOCK (frames
-#                      with a 4-byte length prefix; one queue pair)
-#   --netns NS         run QEMU inside network namespace NS (for --tap)
+#   --dgram LOCAL_IP:PORT,REMOTE_IP:PORT
+#                      QEMU's own -netdev dgram (IPv4): one unconnected UDP
+#                      socket bound to LOCAL, sending to REMOTE, one frame
+#                      per datagram; one queue pair
+#   --stream SOCK      QEMU's own -netdev stream, connecting to the unix
+#                      socket SOCK (frames behind a 4-byte length); one
+#                      queue pair
+#   --netns NS         run QEMU inside network namespace NS (for --tap and
+#                      --dgram: the namespace of the TAP or the addresses)
 #   --queues N         queue pairs (default 1); the guest sets combined N
 #   --tests LIST       guest steps, comma separated (default ping); see init
 #   --ip CIDR          guest address (default 10.77.0.2/24; none: no static
@@ -48,7 +55,7 @@ die() {
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 
-VHOST_SOCK="" SERVER=0 RECONNECT="" TAP="" STREAM_SOCK="" NETNS="" QUEUES=1 TESTS=ping
+VHOST_SOCK="" SERVER=0 RECONNECT="" TAP="" DGRAM="" STREAM_SOCK="" NETNS="" QUEUES=1 TESTS=ping
 IP=10.77.0.2/24 PEER=10.77.0.1 SECS=5 STREAMS=4 PINGWAIT=60 DHCPTRIES=30
 MAC=52:54:00:77:00:02 SMP=1 LOG="" TIMEOUT="" GUEST_DIR=$REPO/target/guest
 QUIET=0 INTERACTIVE=0
@@ -59,8 +66,9 @@ while [ $# -gt 0 ]; do
 	--server) SERVER=1 ;;
 	--quiet) QUIET=1 ;;
 	--interactive) INTERACTIVE=1 ;;
-	--vhost-user | --reconnect | --tap | --stream | --netns | --queues | --tests | --ip | --peer | \
-		--secs | --streams | --pingwait | --dhcptries | --mac | --smp | --log | --timeout | --guest-dir)
+	--vhost-user | --reconnect | --tap | --dgram | --stream | --netns | --queues | --tests | --ip | \
+		--peer | --secs | --streams | --pingwait | --dhcptries | --mac | --smp | --log | --timeout | \
+		--guest-dir)
 		[ $# -ge 2 ] || die "$opt needs a value"
 		val=$2
 		shift
@@ -68,6 +76,7 @@ while [ $# -gt 0 ]; do
 		--vhost-user) VHOST_SOCK=$val ;;
 		--reconnect) RECONNECT=$val ;;
 		--tap) TAP=$val ;;
+		--dgram) DGRAM=$val ;;
 		--stream) STREAM_SOCK=$val ;;
 		--netns) NETNS=$val ;;
 		--queues) QUEUES=$val ;;
@@ -95,14 +104,18 @@ while [ $# -gt 0 ]; do
 done
 
 BACKENDS=0
-for b in "$VHOST_SOCK" "$TAP" "$STREAM_SOCK"; do
-	[ -z "$b" ] || BACKENDS=$((BACKENDS + 1))
-done
-[ "$BACKENDS" -gt 0 ] || die "give --vhost-user SOCK, --tap NAME or --stream SOCK"
-[ "$BACKENDS" -eq 1 ] || die "--vhost-user, --tap and --stream are exclusive"
-[ -z "$STREAM_SOCK" ] || [ "$QUEUES" = 1 ] || die "--stream has one queue pair (--queues 1)"
+for b in "$VHOST_SOCK" "$TAP" "$DGRAM" "$STREAM_SOCK"; do [ -z "$b" ] || BACKENDS=$((BACKENDS + 1)); done
+[ "$BACKENDS" = 1 ] ||
+	die "give exactly one of --vhost-user SOCK, --tap NAME, --dgram LOCAL,REMOTE, --stream SOCK"
+[ -z "$STREAM_SOCK" ] || [ "$QUEUES" = 1 ] || die "--stream is one connection: one queue pair (--queues 1)"
 if ! [[ "$QUEUES" =~ ^[1-9][0-9]*$ ]]; then
 	die "--queues must be a positive number"
+fi
+DGRAM_RE='^([0-9.]+):([0-9]+),([0-9.]+):([0-9]+)$'
+if [ -n "$DGRAM" ]; then
+	[[ "$DGRAM" =~ $DGRAM_RE ]] ||
+		die "--dgram wants LOCAL_IP:PORT,REMOTE_IP:PORT (IPv4), e.g. 127.0.0.1:6000,127.0.0.1:5000"
+	[ "$QUEUES" = 1 ] || die "--dgram is one socket: one queue pair (--queues 1)"
 fi
 command -v qemu-system-x86_64 >/dev/null ||
 	die "qemu-system-x86_64 not found: install the Debian package 'qemu-system-x86'"
@@ -127,6 +140,8 @@ if [ -n "$VHOST_SOCK" ]; then
 	NETDEV=(-chardev "$CHARDEV" -netdev "vhost-user,id=n0,chardev=c0,queues=$QUEUES")
 elif [ -n "$STREAM_SOCK" ]; then
 	NETDEV=(-netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$STREAM_SOCK")
+elif [ -n "$DGRAM" ]; then
+	NETDEV=(-netdev "dgram,id=n0,local.type=inet,local.host=${BASH_REMATCH[1]},local.port=${BASH_REMATCH[2]},remote.type=inet,remote.host=${BASH_REMATCH[3]},remote.port=${BASH_REMATCH[4]}")
 else
 	NETDEV=(-netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no,queues=$QUEUES")
 fi

@@ -21,6 +21,10 @@
 //! indirect table, so the snapshot of the tables taken before the run is
 //! still what the worker walked).
 
+mod stream_peer;
+
+pub use stream_peer::fuzz_stream;
+
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;

@@ -3,11 +3,13 @@
 //! its network served by qpnet over vhost-user.
 //!
 //! [`Bed`] is what every such test stands on: a network namespace holding a
-//! multi-queue TAP with [`HOST_CIDR`] (or none, [`Bed::create_bare`], for a
-//! test that builds its own network there), a scratch directory for the socket and
+//! multi-queue TAP with [`HOST_CIDR`] (or none: [`Bed::without_tap`], for
+//! guests that reach each other or passt over sockets), a scratch directory for the socket and
 //! the logs (removed once the test passed, kept and named when it failed),
 //! and the list of logs to print on failure. [`Bed::start_iperf3_server`]
-//! and [`Bed::start_guest`] start the host's iperf3 server and a guest; both
+//! and [`Bed::start_guest`] start the host's iperf3 server and a guest
+//! ([`Bed::start_guest_on`]: a guest inside the namespace on any
+//! [`GuestNet`], with another guest as its peer); both
 //! run as [`Spawned`] processes, each leading its own process group, stopped
 //! with it on drop so nothing they started stays behind.
 //!
@@ -18,8 +20,10 @@
 //! ([`ResultLine`]) and, while it holds, `QPNET-HOLD seq=N ok|lost ...`
 //! ([`HoldLine`]).
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -32,6 +36,9 @@ use crate::binary::qpnet_binary;
 pub use crate::binary::workspace_dir;
 use crate::netns::NetNs;
 use crate::wait::poll_until;
+
+mod lines;
+pub use lines::{hold_of, ok_result, result_of, HoldLine, ResultLine};
 
 /// The host side of the test link (on the TAP), with and without its prefix.
 pub const HOST_ADDR: &str = "10.77.0.1";
@@ -76,22 +83,13 @@ pub struct Bed {
     logs: Vec<(String, PathBuf)>,
 }
 
-/// What backs the guest's virtio-net device.
-#[derive(Debug, Clone, Copy)]
-pub enum GuestNet<'a> {
-    /// vhost-user: QEMU connects to the backend listening on this socket.
-    VhostUser(&'a Path),
-    /// QEMU's own `-netdev stream`, connecting to a peer (passt) listening
-    /// on this unix socket: the baseline without qpnet.
-    Stream(&'a Path),
-}
-
 /// What run-guest.sh is asked to do.
 pub struct GuestArgs<'a> {
     /// Queue pairs of the guest's virtio-net device.
     pub queues: u16,
-    /// The guest's address with its prefix (the peer is [`HOST_ADDR`]
-    /// unless `extra` has `--peer`), or `none` for the dhcp step.
+    /// The guest's address with its prefix (the peer is [`HOST_ADDR`], or
+    /// the one [`Bed::start_guest_on`] is given), or `none` for the dhcp
+    /// step.
     pub ip: &'a str,
     /// The guest init's steps, comma-separated (`ping,iperf-tx,hold`).
     pub tests: &'a str,
@@ -102,18 +100,33 @@ pub struct GuestArgs<'a> {
     pub timeout: Duration,
 }
 
+/// What backs a guest's virtio-net device.
+pub enum GuestNet<'a> {
+    /// vhost-user: QEMU connects to the backend listening on this socket.
+    VhostUser(&'a Path),
+    /// QEMU's own `-netdev dgram` (IPv4): one UDP socket bound to `local`,
+    /// sending to `remote`.
+    Dgram {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+    /// QEMU's own `-netdev stream`, connecting to a peer (passt) listening
+    /// on this unix socket: the baseline without qpnet.
+    Stream(&'a Path),
+}
+
 impl Bed {
     /// A new namespace with [`TAP`] at [`HOST_CIDR`] and the scratch
     /// directory `/tmp/qpnet-<scratch>-<namespace>`. Fails, saying what is
     /// missing, without root or without a qpnet binary.
     pub fn create(scratch: &str) -> Result<Bed> {
-        let bed = Bed::create_bare(scratch)?;
+        let bed = Bed::without_tap(scratch)?;
         bed.ns.add_tap(TAP, Some(HOST_CIDR))?;
         Ok(bed)
     }
 
-    /// [`Bed::create`] without the TAP: the namespace has only `lo`.
-    pub fn create_bare(scratch: &str) -> Result<Bed> {
+    /// [`Bed::create`] with no TAP: the namespace has only its loopback.
+    pub fn without_tap(scratch: &str) -> Result<Bed> {
         ensure!(
             nix::unistd::geteuid().is_root(),
             "the real-guest tests need root (network namespaces, TAPs, QEMU)"
@@ -169,29 +182,45 @@ impl Bed {
     /// to it); its output and serial console are logged as
     /// `<label>-run-guest.log` and `<label>-serial.log`.
     pub fn start_guest(&mut self, socket: &Path, label: &str, args: &GuestArgs) -> Result<Guest> {
-        self.start_guest_on(GuestNet::VhostUser(socket), label, args)
+        let backend = vec!["--vhost-user".into(), socket.into()];
+        self.spawn_guest(label, args, backend, HOST_ADDR)
     }
 
-    /// [`Bed::start_guest`] with the device backed by `net`.
+    /// Boot a guest whose QEMU runs inside the namespace, on `net`, with
+    /// `peer` as its ping target and iperf3 server (another guest).
     pub fn start_guest_on(
         &mut self,
-        net: GuestNet,
+        net: &GuestNet,
+        peer: &str,
         label: &str,
         args: &GuestArgs,
     ) -> Result<Guest> {
+        let mut backend: Vec<OsString> = match net {
+            GuestNet::VhostUser(socket) => vec!["--vhost-user".into(), socket.into()],
+            GuestNet::Dgram { local, remote } => {
+                vec!["--dgram".into(), format!("{local},{remote}").into()]
+            }
+            GuestNet::Stream(socket) => vec!["--stream".into(), socket.into()],
+        };
+        backend.extend(["--netns".into(), self.ns.name().into()]);
+        self.spawn_guest(label, args, backend, peer)
+    }
+
+    fn spawn_guest(
+        &mut self,
+        label: &str,
+        args: &GuestArgs,
+        backend: Vec<OsString>,
+        peer: &str,
+    ) -> Result<Guest> {
         let out = self.log_path("run-guest.sh", &format!("{label}-run-guest.log"));
         let serial = self.log_path("guest serial console", &format!("{label}-serial.log"));
-        let (option, socket) = match net {
-            GuestNet::VhostUser(socket) => ("--vhost-user", socket),
-            GuestNet::Stream(socket) => ("--stream", socket),
-        };
         let process = Spawned::start(
             "run-guest.sh",
             Command::new(workspace_dir().join("scripts/guest/run-guest.sh"))
-                .arg(option)
-                .arg(socket)
+                .args(backend)
                 .args(["--queues", &args.queues.to_string()])
-                .args(["--ip", args.ip, "--peer", HOST_ADDR, "--tests", args.tests])
+                .args(["--ip", args.ip, "--peer", peer, "--tests", args.tests])
                 .args(args.extra)
                 .args(["--timeout", &args.timeout.as_secs().to_string(), "--quiet"])
                 .arg("--log")
@@ -450,146 +479,5 @@ impl SerialLog {
             self.lines.push(SerialLine { at: now, text });
         }
         Ok(())
-    }
-}
-
-// ---- what the guest prints -----------------------------------------------
-
-/// `QPNET-RESULT <step> ok|fail key=value...` (anywhere in the line: kernel
-/// messages may share it).
-#[derive(Debug, Clone)]
-pub struct ResultLine {
-    pub step: String,
-    /// "ok", "fail", or another word ("hold started").
-    pub status: String,
-    /// The line from the step on.
-    pub line: String,
-}
-
-impl ResultLine {
-    pub fn parse(line: &str) -> Option<ResultLine> {
-        let rest = &line[line.find("QPNET-RESULT ")? + "QPNET-RESULT ".len()..];
-        let mut words = rest.split_whitespace();
-        let step = words.next()?.to_owned();
-        let status = words.next()?.to_owned();
-        Some(ResultLine {
-            step,
-            status,
-            line: rest.to_owned(),
-        })
-    }
-
-    pub fn ok(&self) -> bool {
-        self.status == "ok"
-    }
-
-    pub fn failed(&self) -> bool {
-        self.status == "fail"
-    }
-
-    /// The value of `key=` on the line.
-    pub fn field(&self, key: &str) -> Option<&str> {
-        self.line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-    }
-
-    /// `key=` as a number of type `T`.
-    fn parsed<T: std::str::FromStr>(&self, key: &str) -> Result<T>
-    where
-        T::Err: std::error::Error + Send + Sync + 'static,
-    {
-        let v = self
-            .field(key)
-            .with_context(|| format!("no {key}= in {:?}", self.line))?;
-        v.parse()
-            .with_context(|| format!("{key}={v} is not a number"))
-    }
-
-    pub fn number(&self, key: &str) -> Result<u64> {
-        self.parsed(key)
-    }
-
-    pub fn float(&self, key: &str) -> Result<f64> {
-        self.parsed(key)
-    }
-}
-
-/// `line` as a result of `step`.
-pub fn result_of(line: &str, step: &str) -> Option<ResultLine> {
-    ResultLine::parse(line).filter(|r| r.step == step)
-}
-
-/// `line` as a result of `step`, which must be ok.
-pub fn ok_result(line: &str, step: &str) -> Result<ResultLine> {
-    let r = result_of(line, step).with_context(|| format!("not a {step} result: {line}"))?;
-    ensure!(r.ok(), "guest step {step} failed: {}", r.line);
-    Ok(r)
-}
-
-/// `QPNET-HOLD seq=N ok rtt_ms=X t=UPTIME` or `QPNET-HOLD seq=N lost t=...`.
-#[derive(Debug, PartialEq)]
-pub struct HoldLine {
-    pub seq: u64,
-    pub ok: bool,
-}
-
-pub fn hold_of(line: &str) -> Option<HoldLine> {
-    let rest = &line[line.find("QPNET-HOLD ")? + "QPNET-HOLD ".len()..];
-    let mut words = rest.split_whitespace();
-    let seq = words.next()?.strip_prefix("seq=")?.parse().ok()?;
-    let ok = match words.next()? {
-        "ok" => true,
-        "lost" => false,
-        _ => return None,
-    };
-    Some(HoldLine { seq, ok })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn guest_result_lines_are_read() {
-        let r =
-            ResultLine::parse("QPNET-RESULT iperf-tx ok gbps=0.932 bytes=585760768 retransmits=0")
-                .unwrap();
-        assert!(r.ok());
-        assert_eq!(r.step, "iperf-tx");
-        assert_eq!(r.number("bytes").unwrap(), 585760768);
-        assert!(r.number("gbps").is_err());
-        let f = ResultLine::parse("QPNET-RESULT ping fail reason=no-reply waited_s=60").unwrap();
-        assert!(!f.ok());
-        assert!(ResultLine::parse("[ 3.1] virtio_net").is_none());
-    }
-
-    #[test]
-    fn serial_lines_are_read() {
-        let r =
-            ResultLine::parse("QPNET-RESULT iperf-tx ok gbps=0.932 bytes=585760768 retransmits=3")
-                .unwrap();
-        assert!(r.ok() && !r.failed());
-        assert_eq!(r.step, "iperf-tx");
-        assert_eq!(r.number("bytes").unwrap(), 585760768);
-        assert!((r.float("gbps").unwrap() - 0.932).abs() < 1e-9);
-        assert_eq!(r.field("retransmits"), Some("3"));
-        let f = ResultLine::parse("[ 9.1] x QPNET-RESULT iperf-tx fail reason=\"reset\"").unwrap();
-        assert!(f.failed() && !f.ok());
-        let h = ResultLine::parse("QPNET-RESULT hold started peer=10.77.0.1").unwrap();
-        assert!(!h.ok() && !h.failed());
-        assert!(result_of("QPNET-RESULT ping ok", "iperf-tx").is_none());
-        assert!(ok_result("QPNET-RESULT iperf-tx fail reason=x", "iperf-tx").is_err());
-
-        assert_eq!(
-            hold_of("QPNET-HOLD seq=12 ok rtt_ms=0.812 t=33.10"),
-            Some(HoldLine { seq: 12, ok: true })
-        );
-        assert_eq!(
-            hold_of("QPNET-HOLD seq=13 lost t=35.10"),
-            Some(HoldLine { seq: 13, ok: false })
-        );
-        assert_eq!(hold_of("QPNET-HOLD seq=x ok"), None);
-        assert_eq!(hold_of("QPNET-RESULT hold started peer=10.77.0.1"), None);
     }
 }

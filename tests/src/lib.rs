@@ -42,6 +42,7 @@ pub mod qpnet;
 pub mod raw_vhost;
 pub mod serial;
 pub mod stats_json;
+pub mod stream_bed;
 pub mod stream_peer;
 pub mod supervise;
 pub mod tap_io;

@@ -495,6 +495,13 @@ fn host_side_mistakes_are_refused() -> Result<()> {
         EXIT_USAGE,
         &["--tap", "--udp", "cannot be used with"],
     )?;
+    let out = with(&["--tap", TAP_NAME, "--single-peer"])?;
+    ensure_exit(
+        "--single-peer with a TAP",
+        &out,
+        EXIT_USAGE,
+        &["--single-peer", "--tap", "cannot be used with"],
+    )?;
     let out = with(&["--udp", "127.0.0.1:5000"])?;
     ensure_exit(
         "--udp without a remote address",
@@ -542,6 +549,13 @@ fn host_side_mistakes_are_refused() -> Result<()> {
         &out,
         EXIT_USAGE,
         &["--stream-listen", "--stream"],
+    )?;
+    let out = with(&["--stream", "unix:/tmp/x", "--single-peer"])?;
+    ensure_exit(
+        "--single-peer with --stream",
+        &out,
+        EXIT_USAGE,
+        &["--single-peer", "cannot be used with"],
     )?;
     let out = with(&["--tap", TAP_NAME, "--stream", "unix:/tmp/x"])?;
     ensure_exit(

@@ -52,6 +52,11 @@ fn chain_corpus_replays() {
 }
 
 #[test]
+fn stream_corpus_replays() {
+    replay("stream", qpnet_secondary::fuzz::fuzz_stream);
+}
+
+#[test]
 fn vhost_user_corpus_replays() {
     replay("vhost_user", qpnet_primary::fuzz::fuzz_vhost_user);
 }

@@ -109,7 +109,8 @@ fn run_restart(qb: &mut QpnetPasstBed) -> Result<()> {
     let vhost = qb.qpnet.socket().to_owned();
     let tests = "dhcp,iperf-tx,iperf-rx,tcphold";
     let mut guest = qb.pb.bed.start_guest_on(
-        GuestNet::VhostUser(&vhost),
+        &GuestNet::VhostUser(&vhost),
+        SERVER_ADDR,
         "guest",
         &guest_args(tests, GUEST_TIMEOUT),
     )?;
@@ -259,7 +260,8 @@ fn run_baseline(bed: &mut PasstBed) -> Result<()> {
     let started = Instant::now();
     let socket = bed.socket.clone();
     let mut guest = bed.bed.start_guest_on(
-        GuestNet::Stream(&socket),
+        &GuestNet::Stream(&socket),
+        SERVER_ADDR,
         "baseline",
         &guest_args("dhcp,iperf-tx,iperf-rx", BASELINE_DEADLINE),
     )?;
@@ -308,16 +310,7 @@ fn check_transfers(guest: &mut Guest) -> Result<()> {
 /// run-guest.sh's arguments: no static address (the lease gives it), the
 /// server as peer, one iperf3 stream of [`IPERF_SECS`].
 fn guest_args(tests: &str, deadline: Duration) -> GuestArgs<'_> {
-    const EXTRA: &[&str] = &[
-        "--peer",
-        SERVER_ADDR,
-        "--secs",
-        IPERF_SECS,
-        "--streams",
-        "1",
-        "--dhcptries",
-        "60",
-    ];
+    const EXTRA: &[&str] = &["--secs", IPERF_SECS, "--streams", "1", "--dhcptries", "60"];
     GuestArgs {
         queues: 1,
         ip: "none",
@@ -339,7 +332,7 @@ struct PasstBed {
 
 impl PasstBed {
     fn start() -> Result<PasstBed> {
-        let mut bed = Bed::create_bare("gpasst")?;
+        let mut bed = Bed::without_tap("gpasst")?;
         prepare_namespace(bed.ns())?;
         let iperf3 = bed.start_iperf3_server_on(SERVER_ADDR)?;
         let socket = socket_dir(&bed)?.join("passt.sock");

@@ -482,9 +482,10 @@ fn udp_peer_gone_is_counted_and_the_queue_recovers() -> Result<()> {
 
 /// The unix peer of queue pair 0 closes its socket: sends fail and are
 /// counted (its TX ring still completes every chain), queue pair 1 is
-/// unaffected both ways.
+/// unaffected both ways; when the peer is back on the same path, qpnet
+/// connects to it again and queue pair 0 works both ways.
 #[test]
-fn unix_peer_gone_is_counted_and_other_queues_unaffected() -> Result<()> {
+fn unix_peer_gone_is_counted_and_reached_again_when_back() -> Result<()> {
     let mut bed = Bed::new(Kind::Unix, 2)?;
     bed.tx_round(&[0, 1], 0..4)?;
     bed.peers[0] = Peer::Unix(UnixDatagram::unbound()?);
@@ -494,6 +495,16 @@ fn unix_peer_gone_is_counted_and_other_queues_unaffected() -> Result<()> {
     bed.tx_round(&[1], 4..12)?;
     bed.rx_round(&[1], 0..8)?;
     ensure!(bed.counter(1, |q| &q.peer_unreachable)? == 0);
+    // The peer is restarted on the same path: qpnet connects to it again.
+    let path = bed.dir.join("peer.0");
+    std::fs::remove_file(&path)?;
+    let back = UnixDatagram::bind(&path)?;
+    back.set_read_timeout(Some(TIMEOUT))?;
+    back.connect(&bed.ours[0])?;
+    bed.peers[0] = Peer::Unix(back);
+    bed.wait_log("connected again to the unix datagram peer")?;
+    bed.tx_round(&[0, 1], 100..116)?;
+    bed.rx_round(&[0, 1], 100..116)?;
     bed.finish()
 }
 

@@ -10,207 +10,17 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use qpnet_shared::{QueueStats, SharedRegion};
 use qpnet_tests::netns::NetNs;
 use qpnet_tests::qpnet::{Options, Qpnet};
-use qpnet_tests::stream_peer::{
-    connect_when_there, read_frame, write_frame, Conn, Listener, TIMEOUT,
-};
+use qpnet_tests::stream_bed::{Kind, StreamBed as Bed, FRAMES};
+use qpnet_tests::stream_peer::{connect_when_there, read_frame, write_frame, Listener, TIMEOUT};
 use qpnet_tests::traffic::tx_frame;
 use qpnet_tests::vmm::{Vmm, VmmConfig};
-
-const FRAMES: u32 = 64;
-const PORT: u16 = 7100;
-
-/// The peer's transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Unix,
-    Tcp,
-}
-
-/// qpnet on `--stream` with `qps` queue pairs, the peers, and a VMM.
-struct Bed {
-    vmm: Vmm,
-    qpnet: Qpnet,
-    listeners: Vec<Listener>,
-    conns: Vec<Box<dyn Conn>>,
-    dir: PathBuf,
-    _ns: NetNs,
-}
-
-impl Bed {
-    fn new(kind: Kind, qps: u16) -> Result<Bed> {
-        Bed::with(kind, qps, &[])
-    }
-
-    fn with(kind: Kind, qps: u16, extra: &[&str]) -> Result<Bed> {
-        let ns = NetNs::new()?;
-        let dir = std::env::temp_dir().join(format!("{}-stream", qpnet_tests::unique_name()));
-        std::fs::create_dir_all(&dir)?;
-        let path = |k: u16| {
-            if qps > 1 {
-                dir.join(format!("peer.sock.{k}"))
-            } else {
-                dir.join("peer.sock")
-            }
-        };
-        let listeners = (0..qps)
-            .map(|k| {
-                let l = match kind {
-                    Kind::Unix => {
-                        let l = UnixListener::bind(path(k))?;
-                        l.set_nonblocking(true)?;
-                        Listener::Unix(l)
-                    }
-                    Kind::Tcp => ns.run(|| {
-                        let l = TcpListener::bind(("127.0.0.1", PORT + k))?;
-                        l.set_nonblocking(true)?;
-                        Ok(Listener::Tcp(l))
-                    })?,
-                };
-                Ok(l)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let spec = match kind {
-            Kind::Unix => format!("unix:{}", dir.join("peer.sock").display()),
-            Kind::Tcp => format!("tcp:127.0.0.1:{PORT}"),
-        };
-        let opts = Options {
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            ..Options::host(&["--stream", &spec])
-        };
-        let qpnet = Qpnet::start_opts(&ns, "", qps, &opts)?;
-        let conns = listeners
-            .iter()
-            .map(Listener::accept)
-            .collect::<Result<Vec<_>>>()
-            .with_context(|| format!("qpnet stderr:\n{}", qpnet.stderr()))?;
-        let vmm = Vmm::connect(
-            qpnet.socket(),
-            VmmConfig {
-                queue_pairs: qps,
-                ..VmmConfig::default()
-            },
-        )
-        .with_context(|| format!("qpnet stderr:\n{}", qpnet.stderr()))?;
-        Ok(Bed {
-            vmm,
-            qpnet,
-            listeners,
-            conns,
-            dir,
-            _ns: ns,
-        })
-    }
-
-    fn err(&self) -> String {
-        format!("qpnet stderr:\n{}", self.qpnet.stderr())
-    }
-
-    /// TX frames `seqs` of each queue pair in `qps` reach its own peer,
-    /// byte exact and in order.
-    fn tx_round(&mut self, qps: &[usize], seqs: std::ops::Range<u32>) -> Result<()> {
-        for &qp in qps {
-            let frames: Vec<Vec<u8>> = seqs.clone().map(|s| tx_frame(qp as u16, s)).collect();
-            self.vmm.tx[qp].send_all(&frames, TIMEOUT)?;
-        }
-        for &qp in qps {
-            for s in seqs.clone() {
-                let got = read_frame(self.conns[qp].as_mut())
-                    .and_then(|f| f.context("qpnet closed the connection"))
-                    .with_context(|| format!("qp{qp}: frame {s}; {}", self.err()))?;
-                ensure!(got == tx_frame(qp as u16, s), "qp{qp}: frame {s} differs");
-            }
-        }
-        Ok(())
-    }
-
-    /// Frames each peer in `qps` writes reach the RX queue of its queue
-    /// pair, byte exact, in order, behind a zero header.
-    fn rx_round(&mut self, qps: &[usize], seqs: std::ops::Range<u32>) -> Result<()> {
-        for &qp in qps {
-            for s in seqs.clone() {
-                write_frame(self.conns[qp].as_mut(), &tx_frame(qp as u16, s))?;
-            }
-        }
-        for &qp in qps {
-            let want: Vec<Vec<u8>> = seqs.clone().map(|s| tx_frame(qp as u16, s)).collect();
-            let got = self.rx_frames(qp, want.len())?;
-            ensure!(
-                got == want,
-                "qp{qp}: RX frames differ from what its peer sent"
-            );
-        }
-        for qp in 0..self.conns.len() {
-            ensure!(
-                self.vmm.rx[qp].reap()?.is_empty(),
-                "qp{qp}: an RX frame arrived that its peer did not send"
-            );
-        }
-        Ok(())
-    }
-
-    fn rx_frames(&mut self, qp: usize, n: usize) -> Result<Vec<Vec<u8>>> {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut got = Vec::new();
-        while got.len() < n {
-            for f in self.vmm.rx[qp].reap()? {
-                ensure!(f.header[..10] == [0; 10], "qp{qp}: RX header not zero");
-                got.push(f.data);
-            }
-            if Instant::now() > deadline {
-                bail!("qp{qp}: {} of {n} RX frames; {}", got.len(), self.err());
-            }
-            self.vmm.rx[qp].queue.wait_call(Duration::from_millis(5));
-        }
-        Ok(got)
-    }
-
-    fn counter(
-        &self,
-        qp: usize,
-        f: impl Fn(&QueueStats) -> &std::sync::atomic::AtomicU64,
-    ) -> Result<u64> {
-        self.qpnet.counter(qp, f)
-    }
-
-    fn wait_counter(
-        &self,
-        what: &str,
-        qp: usize,
-        at_least: u64,
-        f: impl Fn(&QueueStats) -> &std::sync::atomic::AtomicU64,
-    ) -> Result<()> {
-        self.qpnet.wait_counter(what, qp, at_least, TIMEOUT, f)
-    }
-
-    /// The peer of `qp` expects qpnet to close its connection (at a frame
-    /// boundary), then to connect again.
-    fn expect_reconnect(&mut self, qp: usize) -> Result<()> {
-        while read_frame(self.conns[qp].as_mut())?.is_some() {}
-        self.conns[qp] = self.listeners[qp].accept().with_context(|| self.err())?;
-        Ok(())
-    }
-
-    fn finish(self) -> Result<()> {
-        let err = self.qpnet.stderr();
-        ensure!(
-            !err.contains("SIGSYS"),
-            "a worker was killed by its seccomp filter:\n{err}"
-        );
-        drop(self.vmm);
-        self.qpnet.stop()?;
-        let _ = std::fs::remove_dir_all(self.dir);
-        Ok(())
-    }
-}
 
 fn both_ways(kind: Kind, qps: u16) -> Result<()> {
     let mut bed = Bed::new(kind, qps)?;
@@ -237,6 +47,34 @@ fn unix_stream_four_queue_pairs_each_on_its_own_connection() -> Result<()> {
 #[test]
 fn tcp_stream_two_queue_pairs_each_on_port_plus_k() -> Result<()> {
     both_ways(Kind::Tcp, 2)
+}
+
+/// qpnet as `nobody`, with no capability, connects to the peer's unix
+/// socket and serves both ways.
+#[test]
+fn unprivileged_qpnet_serves_over_a_stream() -> Result<()> {
+    let mut bed = Bed::build(Kind::Unix, 2, &[], Some("nobody"))?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", bed.qpnet.pid()))?;
+    let line = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or("")
+            .to_string()
+    };
+    ensure!(
+        !line("Uid:").contains("\t0\t"),
+        "qpnet runs as root: {}",
+        line("Uid:")
+    );
+    ensure!(
+        line("CapEff:").ends_with("0000000000000000"),
+        "qpnet has capabilities: {}",
+        line("CapEff:")
+    );
+    bed.tx_round(&[0, 1], 0..FRAMES)?;
+    bed.rx_round(&[0, 1], 0..FRAMES)?;
+    bed.finish()
 }
 
 /// The peer of queue pair 0 goes away and comes back: qpnet connects again,
@@ -575,4 +413,56 @@ fn listening_qpnet_takes_one_peer_at_a_time() -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
+}
+
+/// A worker that stops (SIGSTOP: wedged) while the guest sends is killed
+/// by the watchdog and replaced; the stream goes on (handed over or made
+/// again) and frames flow both ways.
+#[test]
+fn a_wedged_worker_on_a_stream_is_replaced_by_the_watchdog() -> Result<()> {
+    let mut bed = Bed::with(Kind::Unix, 1, &["--watchdog-ms", "300"])?;
+    bed.tx_round(&[0], 0..8)?;
+    // Every chain completed: the worker is idle, between frames.
+    bed.vmm.tx[0].wait_idle(TIMEOUT)?;
+    let pid = bed
+        .qpnet
+        .stats()?
+        .queue(0)
+        .context("queue 0")?
+        .pid
+        .load(std::sync::atomic::Ordering::Relaxed);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )?;
+    let frames: Vec<Vec<u8>> = (100..104).map(|s| tx_frame(0, s)).collect();
+    for f in &frames {
+        ensure!(bed.vmm.tx[0].try_push(f)?, "the TX ring is full");
+    }
+    bed.vmm.tx[0].flush();
+    bed.wait_counter("restarts", 0, 1, |q| &q.restarts)?;
+    ensure!(
+        bed.qpnet.stderr().contains("wedged"),
+        "the watchdog did not say why; {}",
+        bed.err()
+    );
+    // The new worker sends the frames the wedged one left in the ring.
+    for f in &frames {
+        let got = loop {
+            match read_frame(bed.conns[0].as_mut())? {
+                Some(got) => break got,
+                None => bed.expect_reconnect_now(0)?,
+            }
+        };
+        let seq = (0..300).find(|&s| tx_frame(0, s) == got);
+        ensure!(
+            &got == f,
+            "after the watchdog: frame {seq:?} ({} bytes) instead of the next one left in the ring; {}",
+            got.len(),
+            bed.err()
+        );
+    }
+    bed.tx_round(&[0], 200..216)?;
+    bed.rx_round(&[0], 200..216)?;
+    bed.finish()
 }

@@ -36,6 +36,7 @@ fn queue_pair_k_uses_port_plus_k() {
         "127.0.0.1:5000".parse().unwrap(),
         "[::1]:6000".parse().unwrap(),
         3,
+        Remotes::PerQueuePair,
     )
     .unwrap();
     assert_eq!(l, "127.0.0.1:5003".parse().unwrap());
@@ -44,7 +45,8 @@ fn queue_pair_k_uses_port_plus_k() {
         DgramSpec::udp_addrs(
             "127.0.0.1:65535".parse().unwrap(),
             "127.0.0.1:1".parse().unwrap(),
-            1
+            1,
+            Remotes::PerQueuePair,
         ),
         Err(DgramError::PortRange { port: 65535, qp: 1 })
     ));
@@ -54,12 +56,12 @@ fn queue_pair_k_uses_port_plus_k() {
 fn the_qemu_peer_mirrors_our_addresses() {
     let udp = parse_udp("[::1]:5000,[::1]:6000").unwrap();
     assert_eq!(
-        udp.qemu_peer(1, 2).unwrap(),
+        udp.qemu_peer(1, 2, Remotes::PerQueuePair).unwrap(),
         "-netdev dgram,id=peer1,local.type=inet,local.host=::1,local.port=6001,remote.type=inet,remote.host=::1,remote.port=5001"
     );
     let unix = parse_unix("/t/q,/t/p").unwrap();
     assert_eq!(
-        unix.qemu_peer(0, 1).unwrap(),
+        unix.qemu_peer(0, 1, Remotes::PerQueuePair).unwrap(),
         "-netdev dgram,id=peer0,local.type=unix,local.path=/t/p,remote.type=unix,remote.path=/t/q"
     );
 }
@@ -80,11 +82,11 @@ fn unix_specs_parse_and_suffix() {
     assert!(parse_unix(&format!("/{},/b", "x".repeat(110))).is_err());
     let (a, b) = (Path::new("/t/a"), Path::new("/t/b"));
     assert_eq!(
-        DgramSpec::unix_paths(a, b, 0, 1),
+        DgramSpec::unix_paths(a, b, 0, 1, Remotes::PerQueuePair),
         (PathBuf::from("/t/a"), PathBuf::from("/t/b"))
     );
     assert_eq!(
-        DgramSpec::unix_paths(a, b, 2, 4),
+        DgramSpec::unix_paths(a, b, 2, 4, Remotes::PerQueuePair),
         (PathBuf::from("/t/a.2"), PathBuf::from("/t/b.2"))
     );
 }
@@ -108,7 +110,7 @@ fn unix_sockets_connect_to_their_peer_per_queue_pair() {
         local: d.join("ours"),
         remote: d.join("peer"),
     };
-    let socks = DgramSockets::open(&spec, 2).unwrap();
+    let socks = DgramSockets::open(&spec, 2, Remotes::PerQueuePair).unwrap();
     for (k, peer) in peers.iter().enumerate() {
         let fd = socks.queue(k).unwrap();
         nix::unistd::write(fd, &[k as u8; 20]).unwrap();
@@ -122,7 +124,7 @@ fn unix_sockets_connect_to_their_peer_per_queue_pair() {
     }
     // A path in use is refused; the bound ones go away with the sockets.
     assert!(matches!(
-        DgramSockets::open(&spec, 2),
+        DgramSockets::open(&spec, 2, Remotes::PerQueuePair),
         Err(DgramError::InUse(_))
     ));
     drop(socks);
@@ -132,7 +134,7 @@ fn unix_sockets_connect_to_their_peer_per_queue_pair() {
         remote: d.join("nobody"),
     };
     assert!(matches!(
-        DgramSockets::open(&spec_nopeer, 1),
+        DgramSockets::open(&spec_nopeer, 1, Remotes::PerQueuePair),
         Err(DgramError::NoPeer(_))
     ));
     let _ = std::fs::remove_dir_all(&d);
@@ -148,10 +150,58 @@ fn udp_sockets_use_port_plus_k() {
     let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let local = probe.local_addr().unwrap();
     drop(probe);
-    let socks = DgramSockets::open(&DgramSpec::Udp { local, remote }, 1).unwrap();
+    let socks =
+        DgramSockets::open(&DgramSpec::Udp { local, remote }, 1, Remotes::PerQueuePair).unwrap();
     nix::unistd::write(socks.queue(0).unwrap(), b"frame").unwrap();
     let mut buf = [0u8; 16];
     let (n, from) = peers[0].recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"frame");
     assert_eq!(from, local);
+}
+
+#[test]
+fn a_single_peer_is_the_remote_of_every_queue_pair() {
+    let (l, r) = DgramSpec::udp_addrs(
+        "127.0.0.1:5000".parse().unwrap(),
+        "127.0.0.1:6000".parse().unwrap(),
+        3,
+        Remotes::Single,
+    )
+    .unwrap();
+    assert_eq!(l, "127.0.0.1:5003".parse().unwrap());
+    assert_eq!(r, "127.0.0.1:6000".parse().unwrap());
+    let (a, b) = (Path::new("/t/a"), Path::new("/t/b"));
+    assert_eq!(
+        DgramSpec::unix_paths(a, b, 2, 4, Remotes::Single),
+        (PathBuf::from("/t/a.2"), PathBuf::from("/t/b"))
+    );
+    // The one QEMU peer sends to queue pair 0's address.
+    let udp = parse_udp("127.0.0.1:5000,127.0.0.1:6000").unwrap();
+    assert_eq!(
+        udp.qemu_peer(0, 2, Remotes::Single).unwrap(),
+        "-netdev dgram,id=peer0,local.type=inet,local.host=127.0.0.1,local.port=6000,remote.type=inet,remote.host=127.0.0.1,remote.port=5000"
+    );
+}
+
+#[test]
+fn unix_sockets_of_every_queue_pair_reach_a_single_peer() {
+    let d = temp_dir("single");
+    let peer = UnixDatagram::bind(d.join("peer")).unwrap();
+    let spec = DgramSpec::Unix {
+        local: d.join("ours"),
+        remote: d.join("peer"),
+    };
+    let socks = DgramSockets::open(&spec, 2, Remotes::Single).unwrap();
+    for k in 0..2 {
+        nix::unistd::write(socks.queue(k).unwrap(), &[k as u8; 20]).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[k as u8; 20]);
+        assert_eq!(
+            from.as_pathname().unwrap(),
+            d.join(format!("ours.{k}")).as_path()
+        );
+    }
+    drop(socks);
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -36,7 +36,7 @@ use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use qpnet_ipc::Request;
-use qpnet_shared::SharedRegion;
+use qpnet_shared::{QueueStats, SharedRegion};
 
 use crate::device::{DevResult, Device};
 use crate::frame_io::HostSide;
@@ -120,8 +120,18 @@ impl Supervisor {
     /// Act on the host side's events (`fired`) and due connects: a queue
     /// pair with a new connection gets it attached to its worker.
     pub fn host_service(&mut self, fired: &[(usize, Watch)]) {
-        let HostSide::Stream(links) = &mut self.instance.host else {
-            return;
+        let shared = &self.instance.shared;
+        let links = match &mut self.instance.host {
+            HostSide::Stream(links) => links,
+            HostSide::Datagram(sockets) => {
+                sockets.revive(|qp| {
+                    shared
+                        .queue(qp)
+                        .map_or(0, |q| QueueStats::get(&q.peer_unreachable))
+                });
+                return;
+            }
+            HostSide::Tap(_) => return,
         };
         for qp in links.service(fired) {
             if let Some(q) = self.queue_pairs.get_mut(qp) {
@@ -150,7 +160,8 @@ impl Supervisor {
         });
         let connect = match &self.instance.host {
             HostSide::Stream(links) => links.deadline(),
-            _ => None,
+            HostSide::Datagram(sockets) => sockets.deadline(),
+            HostSide::Tap(_) => None,
         };
         [due, tick, connect].into_iter().flatten().min()
     }
