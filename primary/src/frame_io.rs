@@ -56,6 +56,25 @@ impl HostSide {
         }
     }
 
+    /// Queue pair `qp` was failed by the crash-loop guard (`serving`
+    /// false) or gets a worker again: a TAP steers frames only to queues
+    /// of queue pairs that are served (see `Tap::set_queue_attached`).
+    pub fn set_serving(&self, qp: usize, serving: bool) {
+        let HostSide::Tap(t) = self else {
+            return;
+        };
+        match t.set_queue_attached(qp, serving) {
+            Ok(true) if serving => {
+                log::info!("queue pair {qp}: its TAP queue is in the TAP's choice again")
+            }
+            Ok(true) => log::info!(
+                "queue pair {qp}: its TAP queue is out of the TAP's choice: frames for the guest go to the other queue pairs"
+            ),
+            Ok(false) => {}
+            Err(e) => log::warn!("queue pair {qp}: {e}"),
+        }
+    }
+
     /// The virtio features offered to drivers.
     pub fn offered_features(&self) -> u64 {
         offered_features(self.kind())

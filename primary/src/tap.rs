@@ -3,6 +3,7 @@
 //! the device-wide settings (vnet header size, offloads, link state) and
 //! hands each fd to its worker.
 
+use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -16,6 +17,9 @@ pub const MAX_NAME_LEN: usize = 15;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -56,6 +60,8 @@ pub enum TapError {
 pub struct Tap {
     name: String,
     queues: Vec<OwnedFd>,
+    /// `[qp]`: taken out of the TAP's choice (its queue pair failed).
+    detached: Vec<Cell<bool>>,
     created: bool,
 }
 
@@ -121,6 +127,7 @@ impl Tap {
         }
         let tap = Tap {
             name: name.to_string(),
+            detached: fds.iter().map(|_| Cell::new(false)).collect(),
             queues: fds,
             created: !existed,
         };
@@ -135,6 +142,7 @@ impl Tap {
     pub fn from_queues(name: &str, queues: Vec<OwnedFd>) -> Tap {
         Tap {
             name: name.to_string(),
+            detached: queues.iter().map(|_| Cell::new(false)).collect(),
             queues,
             created: false,
         }
@@ -153,6 +161,35 @@ impl Tap {
     /// The fd of queue `qp`.
     pub fn queue(&self, qp: usize) -> Option<&OwnedFd> {
         self.queues.get(qp)
+    }
+
+    /// Take queue `qp` out of the TAP's choice (`attached` false) or put it
+    /// back (TUNSETQUEUE with IFF_DETACH_QUEUE / IFF_ATTACH_QUEUE): the TAP
+    /// steers frames for the guest only to attached queues, so a failed
+    /// queue pair's frames go to the others instead of waiting in a queue
+    /// nobody reads. Detaching drops the frames that queue held. Returns
+    /// whether anything changed.
+    pub fn set_queue_attached(&self, qp: usize, attached: bool) -> Result<bool, TapError> {
+        let (Some(q), Some(detached)) = (self.queues.get(qp), self.detached.get(qp)) else {
+            return Ok(false);
+        };
+        if detached.get() != attached {
+            return Ok(false);
+        }
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: if attached {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNSETQUEUE reads the ifreq we own (its flags).
+        let r = unsafe { libc::ioctl(q.as_raw_fd(), TUNSETQUEUE, &mut req) };
+        self.check(r, "TUNSETQUEUE")?;
+        detached.set(!attached);
+        Ok(true)
     }
 
     /// Set the vnet header length (10 or 12) on every queue.

@@ -206,3 +206,38 @@ fn a_worker_killed_while_taking_over_its_rings_leaves_no_ring_behind() -> Result
     );
     bed.finish()
 }
+
+/// A failed queue pair's TAP queue is taken out of the TAP's choice: frames
+/// for the guest of every flow reach it through the queue pairs that are
+/// served, none is left in a queue nobody reads; `qpnet retry` puts the
+/// queue back (and the crash loop takes it out again).
+#[test]
+fn a_failed_queue_pairs_flows_reach_the_guest_through_the_others() -> Result<()> {
+    let _serial = serial();
+    let mut bed = crash_bed_with(
+        &Options::default().with_env("QPNET_TEST_WORKER_FAULT", "crash-on-start:1"),
+    )?;
+    let k = DEFAULT_CRASH_LIMIT + 1;
+    let first = wait_failed(&bed, 1, k)?;
+    let out = run_qpnet(&["retry", "--name", bed.qpnet.name()])?;
+    ensure!(out.status.success(), "qpnet retry failed");
+    wait_failed(&bed, 1, first + k)?;
+    let log = bed.qpnet.stderr();
+    ensure!(
+        log.contains("queue pair 1: its TAP queue is out of the TAP's choice")
+            && log.contains("queue pair 1: its TAP queue is in the TAP's choice again"),
+        "the TAP queue of queue pair 1 was not taken out and put back:\n{log}"
+    );
+    let mut vmm = bed.vmm(vmm_config())?;
+    // 256 flows: the TAP would hash about a quarter of them to queue pair 1.
+    let report = bed.rx_round(&mut vmm, 2048, 256, |_| 200)?;
+    ensure!(
+        report.per_queue[1] == 0,
+        "frames reached the failed queue pair: {report:?}"
+    );
+    eprintln!(
+        "RX per queue pair with queue pair 1 failed: {:?}",
+        report.per_queue
+    );
+    bed.finish()
+}

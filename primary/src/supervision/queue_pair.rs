@@ -403,6 +403,7 @@ impl QueuePair {
                     inst.policy.crash_window
                 );
                 st.set_worker_state(WorkerState::Failed);
+                inst.host.set_serving(qp as usize, false);
                 if let Some(t) = inst.shared.flow_table() {
                     let r = t.remove_owned_by(qp as usize);
                     log::info!("queue pair {qp}: {} of its flows removed", r.removed);
@@ -417,6 +418,8 @@ impl QueuePair {
     fn bring_up(&mut self, inst: &Instance, dev: &Device) {
         let qp = self.index;
         self.history.started(Instant::now());
+        // Back in the TAP's choice if it was failed (a retry).
+        inst.host.set_serving(qp as usize, true);
         let st = self.stats(inst);
         st.set_worker_state(WorkerState::Starting);
         match inst.launcher.launch(qp) {
