@@ -231,8 +231,13 @@ fn killed_lock_holder_never_blocks_the_others() {
                 start.elapsed()
             }
         };
+        // A dead holder that blocked the others would block them for good
+        // (the waiter has no deadline here): the bound only has to be far
+        // above what a starved 2-CPU machine takes to reap a process and
+        // wake the waiter (272 ms seen under a full test load; 1-5 ms
+        // quiet). How fast it is belongs to a benchmark, not to this test.
         assert!(
-            latency < Duration::from_millis(100),
+            latency < Duration::from_secs(3),
             "round {i}: others blocked {latency:?} by a dead holder"
         );
         assert!(waited.elapsed() < Duration::from_secs(20));
