@@ -78,7 +78,8 @@ impl FlowTracker {
             return;
         };
         let now = monotonic_ns();
-        if cache.pending_flows() > 0 {
+        // Frames with no flow key are counted even in a burst with no flow.
+        if cache.has_pending() {
             cache.flush(&table, now).add_to(home.stats());
         }
         if now >= self.next_expiry_ns {

@@ -30,6 +30,14 @@ fn both_ways(kind: Kind, qps: u16) -> Result<()> {
     for qp in all {
         ensure!(bed.counter(qp, |q| &q.tx_frames)? == u64::from(FRAMES));
         ensure!(bed.counter(qp, |q| &q.rx_frames)? == u64::from(FRAMES));
+        // Flow tracking ran on every frame, both ways (test frames carry no
+        // IP header, so each is counted as having no flow key).
+        let unparsed = bed.counter(qp, |q| &q.flow_unparsed_frames)?;
+        ensure!(
+            unparsed == 2 * u64::from(FRAMES),
+            "qp{qp}: the flow tracker saw {unparsed} of {} frames",
+            2 * FRAMES
+        );
     }
     bed.finish()
 }

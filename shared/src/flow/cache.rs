@@ -167,6 +167,12 @@ impl FlowCache {
         self.pending.len()
     }
 
+    /// Whether a flush has anything to do or report: flows to write, or
+    /// frames with no flow key to count.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || self.unparsed_frames > 0
+    }
+
     /// Write the burst's updates to the table: one locked update per flow.
     /// `now_ns` ([`crate::monotonic_ns`]) stamps every flow of the burst.
     /// After one lock wait runs out (a holder stopped, not dead), the rest
