@@ -168,9 +168,9 @@ impl FlowCache {
     }
 
     /// Whether a flush has anything to do or report: flows to write, or
-    /// frames with no flow key to count.
+    /// frames to count (with no flow key, or left untracked).
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || self.unparsed_frames > 0
+        !self.pending.is_empty() || self.unparsed_frames > 0 || self.overflow_frames > 0
     }
 
     /// Write the burst's updates to the table: one locked update per flow.
