@@ -219,6 +219,14 @@ impl StreamBed {
         Ok(())
     }
 
+    /// The peer of `qp` closes its connection (a stand-in takes its place
+    /// until [`StreamBed::expect_reconnect_now`]).
+    pub fn peer_leaves(&mut self, qp: usize) -> Result<()> {
+        let (stand_in, _other) = std::os::unix::net::UnixStream::pair()?;
+        drop(std::mem::replace(&mut self.conns[qp], Box::new(stand_in)));
+        Ok(())
+    }
+
     /// Stop qpnet (checked) and remove the bed's files.
     pub fn finish(self) -> Result<()> {
         let err = self.qpnet.stderr();

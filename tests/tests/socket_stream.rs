@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -103,8 +103,7 @@ fn a_peer_that_goes_away_is_connected_again() -> Result<()> {
         Listener::Unix(stand_in),
     ));
     std::fs::remove_file(&path)?;
-    let (stand_in, _other) = UnixStream::pair()?;
-    drop(std::mem::replace(&mut bed.conns[0], Box::new(stand_in)));
+    bed.peer_leaves(0)?;
     // Frames the guest sends meanwhile are dropped and counted.
     let frames: Vec<Vec<u8>> = (100..110).map(|s| tx_frame(0, s)).collect();
     bed.vmm.tx[0].send_all(&frames, TIMEOUT)?;
@@ -140,8 +139,7 @@ fn a_peer_socket_of_another_user_is_connected_again_after_the_peer_restarts() ->
         Listener::Unix(stand_in),
     ));
     std::fs::remove_file(&path)?;
-    let (stand_in, _other) = UnixStream::pair()?;
-    drop(std::mem::replace(&mut bed.conns[0], Box::new(stand_in)));
+    bed.peer_leaves(0)?;
     // ...and comes back as `nobody`, its socket not writable by others.
     let l = UnixListener::bind(&path)?;
     nix::unistd::chown(&path, Some(nobody.uid), Some(nobody.gid))?;
@@ -157,7 +155,8 @@ fn a_peer_socket_of_another_user_is_connected_again_after_the_peer_restarts() ->
 /// A peer breaking the framing (a length of 0, or above 65,535) has its
 /// connection reset and counted; qpnet connects again and frames flow; a
 /// frame larger than the guest's buffers, and a runt, are dropped and
-/// counted without losing step; the other queue pair sees nothing of it.
+/// counted without losing step; a frame cut by the peer leaving never
+/// reaches the guest; the other queue pair sees nothing of it.
 #[test]
 fn bad_length_prefixes_reset_the_connection_and_are_counted() -> Result<()> {
     let mut bed = Bed::new(Kind::Unix, 2)?;
@@ -179,6 +178,15 @@ fn bad_length_prefixes_reset_the_connection_and_are_counted() -> Result<()> {
     bed.wait_counter("drop_rx_short", 0, 1, |q| &q.drop_rx_short)?;
     bed.rx_round(&[0, 1], 8..16)?;
     bed.tx_round(&[0, 1], 0..8)?;
+    // A frame cut by the peer closing the connection: nothing of it reaches
+    // the guest, qpnet connects again and frames flow.
+    let mut cut = 100u32.to_be_bytes().to_vec();
+    cut.extend([0x77; 10]);
+    bed.conns[0].write_all(&cut)?;
+    std::thread::sleep(Duration::from_millis(50));
+    bed.peer_leaves(0)?;
+    bed.expect_reconnect_now(0)?;
+    bed.rx_round(&[0, 1], 16..24)?;
     ensure!(bed.counter(1, |q| &q.drop_stream_framing)? == 0);
     let doc = bed.qpnet.stats_json(&[])?;
     ensure!(doc.queue(0)?.counter("drop_stream_framing")? == 2);
