@@ -57,7 +57,6 @@ enum Role {
 }
 
 #[derive(Args)]
-#[group(id = "backend", required = true, multiple = false, args = ["qpnet_udp", "qpnet_unix_dgram", "qpnet_stream"])]
 struct Common {
     /// qpnet's `--udp LOCAL_IP:PORT,REMOTE_IP:PORT`, as given to it.
     #[arg(long, value_name = "LOCAL,REMOTE")]
@@ -100,8 +99,14 @@ fn open(ep: &Endpoint) -> Result<Opened> {
     })
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("qpnet-sockpeer: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     let (common, size) = match &cli.role {
         Role::Sink(c) => (c, None),
         Role::Source { common, size } => {
