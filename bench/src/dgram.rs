@@ -85,10 +85,18 @@ fn headers(iov: &mut [libc::iovec], base: *mut u8, len: usize) -> Vec<libc::mmsg
         .collect()
 }
 
-/// Receives and counts datagrams until the process ends. A unix sink
-/// connects back to qpnet's socket once it is bound, as a peer that also
-/// sends would (a datagram to a socket connected elsewhere is refused).
-pub fn sink(s: Opened, ep: &Endpoint, c: &Counters, batch: usize) -> Result<()> {
+/// Receives and counts datagrams until the process ends; after a call that
+/// found less than `batch`, sleeps `coalesce` (frames collect meanwhile:
+/// fewer calls and wake-ups per frame). A unix sink connects back to qpnet's
+/// socket once it is bound, as a peer that also sends would (a datagram to a
+/// socket connected elsewhere is refused).
+pub fn sink(
+    s: Opened,
+    ep: &Endpoint,
+    c: &Counters,
+    batch: usize,
+    coalesce: Duration,
+) -> Result<()> {
     let fd = s.0;
     // Best effort: the default buffer is enough to run, only less tolerant.
     let _ = setsockopt(&fd, sockopt::RcvBuf, &SINK_RCVBUF);
@@ -138,6 +146,9 @@ pub fn sink(s: Opened, ep: &Endpoint, c: &Counters, batch: usize) -> Result<()> 
         let n = usize::try_from(n).expect("n >= 0");
         let bytes: u64 = hdrs[..n].iter().map(|h| u64::from(h.msg_len)).sum();
         c.add(n as u64, bytes);
+        if n < batch && !coalesce.is_zero() {
+            std::thread::sleep(coalesce);
+        }
     }
 }
 

@@ -73,6 +73,11 @@ struct Common {
     /// Frames per `recvmmsg`/`sendmmsg` (or per stream write).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
     batch: u16,
+    /// Sink: after a receive that found less than a full batch (or half a
+    /// stream chunk), sleep this long before the next, so that frames
+    /// collect and one call takes many (0: never sleep).
+    #[arg(long, default_value_t = 50)]
+    coalesce_us: u64,
 }
 
 impl Common {
@@ -123,6 +128,7 @@ fn run(cli: Cli) -> Result<()> {
     let spec = common.spec()?;
     let n = usize::from(common.queue_pairs);
     let batch = usize::from(common.batch);
+    let coalesce = std::time::Duration::from_micros(common.coalesce_us);
 
     // Blocked before any thread starts, so only the signalfd sees them.
     let mut mask = SigSet::empty();
@@ -153,9 +159,9 @@ fn run(cli: Cli) -> Result<()> {
             .spawn(move || {
                 let c = &all[k];
                 let r = match (sock, size) {
-                    (Opened::Dgram(s), None) => dgram::sink(s, &ep, c, batch),
+                    (Opened::Dgram(s), None) => dgram::sink(s, &ep, c, batch, coalesce),
                     (Opened::Dgram(s), Some(size)) => dgram::source(s, &ep, c, batch, size),
-                    (Opened::Stream(l), None) => stream::sink(l, c),
+                    (Opened::Stream(l), None) => stream::sink(l, c, coalesce),
                     (Opened::Stream(l), Some(size)) => stream::source(l, c, batch, size),
                 };
                 if let Err(e) = r {

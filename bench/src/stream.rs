@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -90,8 +91,10 @@ impl Parser {
     }
 }
 
-/// Counts whole frames on each connection qpnet makes, one after another.
-pub fn sink(listener: OwnedFd, c: &Counters) -> Result<()> {
+/// Counts whole frames on each connection qpnet makes, one after another;
+/// after a read of less than half a chunk, sleeps `coalesce` so that the
+/// next read takes many frames.
+pub fn sink(listener: OwnedFd, c: &Counters, coalesce: Duration) -> Result<()> {
     let mut buf = vec![0u8; CHUNK];
     loop {
         let conn = accept(&listener)?;
@@ -113,6 +116,9 @@ pub fn sink(listener: OwnedFd, c: &Counters) -> Result<()> {
             match parser.feed(&buf[..n]) {
                 Ok((frames, bytes)) => c.add(frames, bytes),
                 Err(len) => bail!("qpnet sent a frame length of {len}"),
+            }
+            if n < CHUNK / 2 && !coalesce.is_zero() {
+                std::thread::sleep(coalesce);
             }
         }
         c.errors.fetch_add(1, Relaxed);
