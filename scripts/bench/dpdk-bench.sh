@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# Frames/s benchmark of qpnet against DPDK's own vhost-user<->TAP bridge, driven by a
-# real vhost-user frontend (DPDK virtio-user in dpdk-testpmd, no VM needed).
+# Frames/s benchmark of qpnet against DPDK's own vhost-user<->TAP bridge, and of qpnet's
+# socket backends against its TAP backend, driven by a real vhost-user frontend (DPDK
+# virtio-user in dpdk-testpmd, no VM needed).
 #
 # For every point (direction x frame size x queue pairs), run and backend, the script
 # starts fresh processes in a network namespace it owns: the backend ("ref" = testpmd
-# net_vhost + net_tap with io forwarding, or "qpnet" = `qpnet run`), a testpmd virtio-user
-# frontend on the backend's socket (txonly for guest->TAP, rxonly for TAP->guest) and, for
-# TAP->guest, a testpmd AF_PACKET generator writing frames of many flows into the TAP.
+# net_vhost + net_tap with io forwarding, "qpnet" = `qpnet run --tap`, or "qpnet-udp",
+# "qpnet-unix", "qpnet-stream" = `qpnet run` with --udp, --unix-dgram, --stream), a testpmd
+# virtio-user frontend on the backend's socket (txonly for guest->host, rxonly for
+# host->guest) and the host side's far end: for a TAP, in host->guest, a testpmd AF_PACKET
+# generator writing frames of many flows into the TAP; for a socket backend qpnet-sockpeer
+# (bench/ crate, socket-peer.sh), a sink counting what qpnet sends or a source sending.
 # After a warm-up it counts frames at the receiving end over a fixed window:
-#   guest->TAP  the TAP's rx_packets in the namespace (what the kernel got from the backend);
-#   TAP->guest  virtio-user's RX-packets (what the guest side got), asked from testpmd;
+#   guest->host  the TAP's rx_packets in the namespace (what the kernel got from the
+#                backend), or the frames the sink read;
+#   host->guest  virtio-user's RX-packets (what the guest side got), asked from testpmd;
 # checks the sending end (frontend TX-packets and ring-full refusals, TAP tx_packets and
-# tx_dropped), and reads utime+stime of every process (qpnet: primary plus its workers)
+# tx_dropped, or the source's frames sent and qpnet's UDP receive-buffer drops), and reads
+# utime+stime of every process (qpnet: primary plus its workers)
 # from /proc, because 2 CPUs are shared by busy-polling testpmd processes and the backend:
 # frames per backend CPU-second is the fair figure. By default the backend is confined to
 # the last CPU and the drivers use the others. Prints per point the median of the runs,
-# min..max and the ratio qpnet/ref; --markdown FILE writes the same for BENCHMARKS.md.
+# min..max and the ratios qpnet/ref and SOCKET/qpnet; --markdown FILE writes the same
+# for BENCHMARKS.md.
 # Everything it starts (processes, namespace, TAP, sockets, DPDK runtime dirs) is removed
 # on exit. Run as root: scripts/bench/dpdk-bench.sh [--quick] [--help].
 set -euo pipefail
@@ -24,6 +31,8 @@ export LC_ALL=C
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 readonly SCRIPT_DIR REPO_ROOT
+# shellcheck source=scripts/bench/socket-peer.sh
+. "$SCRIPT_DIR/socket-peer.sh"
 readonly ORIG_ARGS="$*"
 
 RUNS=3
@@ -48,24 +57,30 @@ usage() {
   cat <<'EOF'
 Usage: scripts/bench/dpdk-bench.sh [options]   (as root)
 
-Frames/s guest->TAP and TAP->guest through qpnet and through DPDK's vhost<->TAP bridge,
-driven by DPDK virtio-user. Prints a table per point and backend: Mpps received (median,
-min..max), full % (share of the frames made that the backend's full input refused; near 0:
-the sender set the rate), CPU s/s of backend, frontend and generator, Mframes per backend
-CPU-second, received/sent %, CPU s/s used by other processes, runs; and qpnet/ref ratios.
+Frames/s guest->host and host->guest through qpnet (TAP or socket backends) and through
+DPDK's vhost<->TAP bridge, driven by DPDK virtio-user. Prints a table per point and
+backend: Mpps received (median, min..max), full % (share of the frames made that the
+backend's full input refused; near 0: the sender set the rate; "-" where a flow-controlled
+socket makes the source wait instead), CPU s/s of backend, frontend and peer (the
+host->guest generator, or a socket backend's sink or source), Mframes per backend
+CPU-second, received/sent %, CPU s/s used by other processes, runs; and the ratios
+qpnet/ref and SOCKET/qpnet (each socket backend against qpnet's TAP backend).
 
   --runs N          runs per point and backend (default 3)
   --duration S      measured seconds per run (default 10)
   --warmup S        seconds of traffic before measuring (default 3)
   --sizes LIST      frame sizes in bytes, comma separated (default 64,1500)
   --queues LIST     queue pairs, comma separated (default 1,2)
-  --directions LIST g2t (guest->TAP), t2g (TAP->guest) (default g2t,t2g)
-  --backends LIST   ref (testpmd net_vhost+net_tap), qpnet (default ref,qpnet)
+  --directions LIST g2t (guest->host), t2g (host->guest) (default g2t,t2g)
+  --backends LIST   ref (testpmd net_vhost+net_tap), qpnet (qpnet --tap), qpnet-udp
+                    (--udp on 127.0.0.1), qpnet-unix (--unix-dgram), qpnet-stream (--stream
+                    unix:PATH) (default ref,qpnet)
   --quick           1 run of 4 s after 2 s warm-up per point
-  --layout L        split: the backend confined to the last CPU, frontend and generator on
-                    the others (default); shared: every process may run on every CPU
+  --layout L        split: the backend confined to the last CPU, frontend and peer
+                    (generator, sink, source) on the others (default); shared: every
+                    process may run on every CPU
   --queue-size N    virtio-user ring size (default 1024)
-  --generator-nice N  nice value of the TAP->guest generator (default 0)
+  --generator-nice N  nice value of the generator, sink or source (default 0)
   --frontend-nice N   nice value of the virtio-user frontend (default 0)
   --max-other-load X  redo a run when processes not started by this script used more
                     than X CPU s/s during its window (default 0.5; the machine is shared)
@@ -75,6 +90,7 @@ CPU-second, received/sent %, CPU s/s used by other processes, runs; and qpnet/re
   -h, --help        this text
 
 Environment: QPNET_BIN (default target/release/qpnet, built if missing),
+SOCKPEER_BIN (default target/release/qpnet-sockpeer, built if missing; socket backends),
 DPDK_PMD_DIR (default: the pmds-* directory of the installed DPDK).
 EOF
 }
@@ -114,7 +130,7 @@ parse_args() {
   validate_list "$SIZES" '^[0-9]+$' sizes
   validate_list "$QUEUES" '^[1-8]$' queues
   validate_list "$DIRECTIONS" '^(g2t|t2g)$' directions
-  validate_list "$BACKENDS" '^(ref|qpnet)$' backends
+  validate_list "$BACKENDS" '^(ref|qpnet|qpnet-udp|qpnet-unix|qpnet-stream)$' backends
   [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer"
   [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "--duration must be a positive integer"
   [[ $WARMUP =~ ^[0-9]+$ ]] || die "--warmup must be an integer"
@@ -291,7 +307,7 @@ stop_process() {
 record_children_of_qpnet() {
   local pid start role child
   while read -r pid start role; do
-    [ "$role" = backend-qpnet ] || continue
+    [[ $role == backend-qpnet* ]] || continue
     is_same_process "$pid" "$start" || continue
     for child in $(pgrep -P "$pid" || true); do
       grep -q "^$child " "$PIDFILE" || register_pid "$child" qpnet-worker
@@ -304,6 +320,7 @@ remove_run_leftovers() {
     ip -n "$NS" link del "$TAP" 2>/dev/null || true
   fi
   rm -f "$SOCK"
+  remove_peer_sockets
   rm -rf "/var/run/dpdk/$PREFIX-be" "/var/run/dpdk/$PREFIX-fe" "/var/run/dpdk/$PREFIX-gen"
   rm -rf "/run/qpnet/$NAME"
 }
@@ -403,8 +420,12 @@ start_backend() {
       --no-mlockall --total-num-mbufs="$MBUFS" --forward-mode=io --rxq="$qp" --txq="$qp" \
       --nb-cores=1 -a
   else
-    start_in_ns backend-qpnet "$log" "$WORK/be.in" taskset -c "$BACKEND_CPUS" "$QPNET" run --socket "$SOCK" --tap "$TAP" \
-      --queue-pairs "$qp" --name "$NAME"
+    local -a host=(--tap "$TAP")
+    if is_socket_backend "$backend"; then
+      mapfile -t host < <(socket_backend_args "$backend" | head -n 2)
+    fi
+    start_in_ns "backend-$backend" "$log" "$WORK/be.in" taskset -c "$BACKEND_CPUS" "$QPNET" run --socket "$SOCK" \
+      "${host[@]}" --queue-pairs "$qp" --name "$NAME"
   fi
   BACKEND_PID=$STARTED_PID
   wait_for "backend $backend" "$BACKEND_PID" "$log" socket_exists "$SOCK" || return 1
@@ -439,8 +460,8 @@ start_generator() {
     --vdev "net_af_packet0,iface=$TAP,qpairs=1,qdisc_bypass=1" -- \
     --no-mlockall --total-num-mbufs=8192 --forward-mode=txonly --txpkts="$size" \
     --txonly-multi-flow --nb-cores=1 -a
-  GENERATOR_PID=$STARTED_PID
-  wait_for generator "$GENERATOR_PID" "$log" log_contains "$log" "Press enter to exit" || return 1
+  PEER_PID=$STARTED_PID
+  wait_for generator "$PEER_PID" "$log" log_contains "$log" "Press enter to exit" || return 1
 }
 
 # ---------------------------------------------------------------------------------------
@@ -521,22 +542,23 @@ read_tap_counters() {
   ip netns exec "$NS" sh -c "cd /sys/class/net/$TAP/statistics && cat rx_packets tx_packets tx_dropped" | paste -sd' '
 }
 
-# One snapshot: "time fe_rx fe_tx fe_txdrop tap_rx tap_tx tap_txdrop be_ticks fe_ticks
-# gen_ticks idle".
+# One snapshot: "time fe_rx fe_tx fe_txdrop host_rx host_tx host_txdrop be_ticks fe_ticks
+# peer_ticks idle peer_waits"; host_* are the TAP's rx_packets, tx_packets, tx_dropped, or
+# a socket backend's equivalents (read_host_counters).
 take_snapshot() {
-  local backend=$1 fe tap t be fe_cpu gen_cpu=0 idle
+  local backend=$1 fe host t be fe_cpu peer_cpu=0 idle
   fe=$(read_frontend_counters) || return 1
   t=$EPOCHREALTIME
-  tap=$(read_tap_counters) || { say "  cannot read counters of $TAP"; return 1; }
-  if [ "$backend" = qpnet ]; then
+  host=$(read_host_counters "$backend") || { say "  cannot read the host side's counters"; return 1; }
+  if is_qpnet "$backend"; then
     be=$(cpu_ticks "$BACKEND_PID" 1)
   else
     be=$(cpu_ticks "$BACKEND_PID")
   fi
   fe_cpu=$(cpu_ticks "$FRONTEND_PID")
-  [ -n "${GENERATOR_PID:-}" ] && gen_cpu=$(cpu_ticks "$GENERATOR_PID")
+  [ -n "${PEER_PID:-}" ] && peer_cpu=$(cpu_ticks "$PEER_PID")
   idle=$(machine_idle_ticks)
-  echo "$t $fe $tap $be $fe_cpu $gen_cpu $idle"
+  echo "$t $fe ${host% *} $be $fe_cpu $peer_cpu $idle ${host##* }"
 }
 
 worker_set() {
@@ -563,17 +585,19 @@ check_alive() {
 run_once() {
   local direction=$1 size=$2 qp=$3 backend=$4 run=$5
   local tag="${direction}-${size}-q${qp}-${backend}-r${run}"
-  local be_log=$WORK/$tag.backend.log fe_log=$WORK/$tag.frontend.log gen_log=$WORK/$tag.generator.log
-  local s0 s1 workers0 workers1
-  GENERATOR_PID=""
+  local be_log=$WORK/$tag.backend.log fe_log=$WORK/$tag.frontend.log peer_log=$WORK/$tag.peer.log
+  local s0 s1 workers0 workers1 socket=""
+  PEER_PID=""
+  is_socket_backend "$backend" && socket=1
   ln -sf "$be_log" "$WORK/backend-current.log"
+  [ -z "$socket" ] || start_peer "$direction" "$size" "$qp" "$backend" "$peer_log"
   start_backend "$backend" "$qp" "$be_log"
   start_frontend "$direction" "$size" "$qp" "$fe_log"
   if [ "$direction" = t2g ]; then
-    start_generator "$size" "$gen_log"
+    if [ -n "$socket" ]; then start_peer_source; else start_generator "$size" "$peer_log"; fi
   fi
   sleep "$WARMUP"
-  if [ "$backend" = qpnet ]; then
+  if is_qpnet "$backend"; then
     workers0=$(worker_set)
     record_children_of_qpnet
   fi
@@ -581,11 +605,15 @@ run_once() {
   sleep "$DURATION"
   s1=$(take_snapshot "$backend")
   log_frontend_queue_spread || true
-  [ "$backend" = qpnet ] && workers1=$(worker_set)
+  [ -z "$socket" ] || log_peer_queue_spread
+  is_qpnet "$backend" && workers1=$(worker_set)
   check_alive "backend $backend" "$BACKEND_PID" "$be_log"
   check_alive frontend "$FRONTEND_PID" "$fe_log"
-  [ -z "$GENERATOR_PID" ] || check_alive generator "$GENERATOR_PID" "$gen_log"
-  if [ "$backend" = qpnet ]; then
+  [ -z "$PEER_PID" ] || check_alive peer "$PEER_PID" "$peer_log"
+  if [ -n "$socket" ] && [ "$direction" = t2g ]; then
+    say "  source waited for room $(awk -v a="$s0" -v b="$s1" 'BEGIN {split(a, x, " "); split(b, y, " "); print y[12] - x[12]}') times (qpnet's socket full)"
+  fi
+  if is_qpnet "$backend"; then
     [ "$workers0" = "$workers1" ] || say "  warning: qpnet workers changed during the window ($workers0 -> $workers1): CPU figure incomplete"
     "$QPNET" stats --name "$NAME" >"$WORK/$tag.qpnet-stats.txt" 2>&1 || true
   fi
@@ -619,9 +647,9 @@ compute_run() {
   fi
   printf '%s\n' "$line" >>"$RESULTS"
   awk -F'\t' -v dir="$direction" '{
-    printf "  %.3f Mpps  backend %.2f CPU s/s  frontend %.2f  generator %.2f  other load %.2f  received/sent %.0f/%.0f (%.1f%%)",
+    printf "  %.3f Mpps  backend %.2f CPU s/s  frontend %.2f  peer %.2f  other load %.2f  received/sent %.0f/%.0f (%.1f%%)",
       $6 / 1e6, $7, $8, $9, $13, $11, $10, ($10 > 0 ? 100 * $11 / $10 : 0)
-    printf "  refused by full %s: %.0f (%.1f%%)", (dir == "t2g" ? "TAP queue" : "virtio ring"), $12, $14
+    printf "  refused by full %s: %.0f (%.1f%%)", (dir == "t2g" ? "TAP queue or UDP socket" : "virtio ring"), $12, $14
     printf "\n" }' <<<"$line" >&2
 }
 
@@ -683,11 +711,12 @@ wait_for_quiet_machine() {
 }
 
 direction_label() {
-  if [ "$1" = g2t ]; then echo "guest->TAP"; else echo "TAP->guest"; fi
+  if [ "$1" = g2t ]; then echo "guest->host"; else echo "host->guest"; fi
 }
 
 # ---------------------------------------------------------------------------------------
-# Report: medians per point and backend, min..max, and the qpnet/ref ratio.
+# Report: medians per point and backend, min..max, and the ratios qpnet/ref and
+# SOCKET/qpnet (a socket backend against qpnet's TAP backend).
 
 # One line per point and backend, tab separated: direction size qp backend, then either
 # "FAIL failed_runs" or: mpps min max full_percent be_cpu mpps_per_be_cpu fe_cpu gen_cpu
@@ -726,29 +755,33 @@ summarize() {
     }' SUBSEP=$'\t' "$RESULTS"
 }
 
-# Prints the summary as a text table (FORMAT text) or a markdown table (FORMAT md), with a
-# qpnet/ref ratio row after each point that has both.
+# Prints the summary as a text table (FORMAT text) or a markdown table (FORMAT md), with
+# ratio rows after each point: qpnet/ref, and each socket backend over qpnet (TAP).
 print_table() {
   local summary=$1 format=$2
   awk -F'\t' -v fmt="$format" '
-    function label(d) { return d == "g2t" ? "guest->TAP" : "TAP->guest" }
+    function label(d) { return d == "g2t" ? "guest->host" : "host->guest" }
     function row(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14) {
       if (fmt == "md")
         printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
           c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14
       else
-        printf "%-10s %6s %3s %-9s %7s %13s %7s %6s %11s %6s %6s %6s %6s %s\n",
+        printf "%-11s %6s %3s %-18s %7s %13s %7s %6s %11s %6s %8s %6s %6s %s\n",
           c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14
     }
-    function ratio(p,    c) {
-      if (!((p, "qpnet") in mpps) || !((p, "ref") in mpps) || mpps[p, "ref"] == 0 || per[p, "ref"] == 0) return
+    function ratio1(p, a, b,    c) {
+      if (!((p, a) in mpps) || !((p, b) in mpps) || mpps[p, b] == 0 || per[p, b] == 0) return
       split(p, c, SUBSEP)
-      row(label(c[1]), c[2] " B", c[3], "qpnet/ref", sprintf("x%.2f", mpps[p, "qpnet"] / mpps[p, "ref"]), "", "", "", \
-        sprintf("x%.2f", per[p, "qpnet"] / per[p, "ref"]), "", "", "", "", "")
+      row(label(c[1]), c[2] " B", c[3], a "/" b, sprintf("x%.2f", mpps[p, a] / mpps[p, b]), "", "", "", \
+        sprintf("x%.2f", per[p, a] / per[p, b]), "", "", "", "", "")
+    }
+    function ratio(p) {
+      ratio1(p, "qpnet", "ref")
+      ratio1(p, "qpnet-udp", "qpnet"); ratio1(p, "qpnet-unix", "qpnet"); ratio1(p, "qpnet-stream", "qpnet")
     }
     BEGIN {
       row("direction", "frame", "qp", "backend", "Mpps", "min..max", "full %", "be CPU", "Mfr/be CPU-s", \
-        "fe CPU", "gen CPU", "recv %", "other", "runs")
+        "fe CPU", "peer CPU", "recv %", "other", "runs")
       if (fmt == "md") print "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     }
     {
@@ -760,8 +793,9 @@ print_table() {
         next
       }
       mpps[point, $4] = $5; per[point, $4] = $10
-      row(label($1), $2 " B", $3, $4, sprintf("%.3f", $5), sprintf("%.3f..%.3f", $6, $7), sprintf("%.1f", $8), \
-        sprintf("%.2f", $9), sprintf("%.3f", $10), sprintf("%.2f", $11), ($1 == "t2g") ? sprintf("%.2f", $12) : "-", \
+      socket = ($4 ~ /^qpnet-/); waits = ($1 == "t2g" && ($4 == "qpnet-unix" || $4 == "qpnet-stream"))
+      row(label($1), $2 " B", $3, $4, sprintf("%.3f", $5), sprintf("%.3f..%.3f", $6, $7), waits ? "-" : sprintf("%.1f", $8), \
+        sprintf("%.2f", $9), sprintf("%.3f", $10), sprintf("%.2f", $11), ($1 == "t2g" || socket) ? sprintf("%.2f", $12) : "-", \
         sprintf("%.1f", $13), sprintf("%.2f", $14), $15 ($16 > 0 ? " (+" $16 " failed)" : ""))
     }
     END { if (last != "") ratio(last) }' SUBSEP=$'\t' <<<"$summary"
@@ -793,7 +827,7 @@ write_markdown() {
     printf -- '- qpnet revision: %s, binary sha256 %s\n' "$(qpnet_revision)" "${QPNET_SHA:-not used}"
     printf -- '- %s run(s) per point and backend, %s s measured after %s s warm-up; median, min..max over runs.\n' \
       "$RUNS" "$DURATION" "$WARMUP"
-    printf -- '- CPU layout %s: backend on CPU %s, frontend and generator on CPU %s; virtio-user ring size %s.\n\n' \
+    printf -- '- CPU layout %s: backend on CPU %s, frontend and generator/sink/source on CPU %s; virtio-user ring size %s.\n\n' \
       "$LAYOUT" "$BACKEND_CPUS" "$DRIVER_CPUS" "$QUEUE_SIZE"
     print_table "$summary" md
   } >"$file"
@@ -806,14 +840,16 @@ main() {
   require_root
   install_testpmd_if_missing
   find_pmd_dir
-  [[ ,$BACKENDS, == *,qpnet,* ]] && find_or_build_qpnet
+  [[ ,$BACKENDS, == *,qpnet* ]] && find_or_build_qpnet
+  [[ ,$BACKENDS, == *,qpnet-* ]] && find_or_build_sockpeer
   trap cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
   setup_resources
-  [[ ,$BACKENDS, == *,qpnet,* ]] && snapshot_qpnet_binary
+  [[ ,$BACKENDS, == *,qpnet* ]] && snapshot_qpnet_binary
+  [[ ,$BACKENDS, == *,qpnet-* ]] && snapshot_sockpeer_binary
   say "namespace $NS, TAP $TAP, work dir $WORK, $(machine_description)"
-  say "CPU layout $LAYOUT: backend on CPU $BACKEND_CPUS, frontend and generator on CPU $DRIVER_CPUS"
+  say "CPU layout $LAYOUT: backend on CPU $BACKEND_CPUS, frontend and generator/sink/source on CPU $DRIVER_CPUS"
   local direction size qp run backend summary
   for direction in ${DIRECTIONS//,/ }; do
     for size in ${SIZES//,/ }; do
