@@ -10,7 +10,7 @@
 # virtio-user frontend on the backend's socket (txonly for guest->host, rxonly for
 # host->guest) and the host side's far end: for a TAP, in host->guest, a testpmd AF_PACKET
 # generator writing frames of many flows into the TAP; for a socket backend qpnet-sockpeer
-# (bench/ crate, socket-peer.sh), a sink counting what qpnet sends or a source sending.
+# (tests/src/bin/qpnet-sockpeer/, socket-peer.sh), a sink counting what qpnet sends or a source sending.
 # After a warm-up it counts frames at the receiving end over a fixed window:
 #   guest->host  the TAP's rx_packets in the namespace (what the kernel got from the
 #                backend), or the frames the sink read;

@@ -1,5 +1,5 @@
 # Sourced by dpdk-bench.sh: qpnet's socket backends (qpnet-udp, qpnet-unix, qpnet-stream)
-# and their far end, qpnet-sockpeer (bench/ crate): a sink counting the frames qpnet sends
+# and their far end, qpnet-sockpeer (tests/src/bin/qpnet-sockpeer/): a sink counting the frames qpnet sends
 # (guest->host) or a source writing frames toward qpnet as fast as it takes them
 # (host->guest). The peer takes the place of the TAP and, for host->guest, of the
 # generator: it runs on the frontend's CPUs and its CPU is the "peer CPU" column.
@@ -20,8 +20,8 @@ find_or_build_sockpeer() {
   SOCKPEER=${SOCKPEER_BIN:-$REPO_ROOT/target/release/qpnet-sockpeer}
   if [ ! -x "$SOCKPEER" ]; then
     [ -z "${SOCKPEER_BIN:-}" ] || die "SOCKPEER_BIN=$SOCKPEER_BIN is not an executable"
-    say "building qpnet-sockpeer: cargo build --release -p qpnet-bench"
-    (cd "$REPO_ROOT" && cargo build --release -p qpnet-bench >&2) || die "cargo build of qpnet-sockpeer failed"
+    say "building qpnet-sockpeer: cargo build --release -p qpnet-tests --bin qpnet-sockpeer"
+    (cd "$REPO_ROOT" && cargo build --release -p qpnet-tests --bin qpnet-sockpeer >&2) || die "cargo build of qpnet-sockpeer failed"
     [ -x "$SOCKPEER" ] || die "cargo build did not produce $SOCKPEER"
   fi
 }
