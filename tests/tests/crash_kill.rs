@@ -29,7 +29,7 @@ use qpnet_tests::crash::bed::{
 };
 use qpnet_tests::crash::rx_accounting::RX_UNEXPLAINED;
 use qpnet_tests::crash::verdict::{
-    check_kills, report, KILL_WINDOW_NS, RECOVERY_LIMIT_NS, RX_IN_FLIGHT_MAX,
+    check_kills, report, too_noisy, KILL_WINDOW_NS, RECOVERY_LIMIT_NS, RX_IN_FLIGHT_MAX,
 };
 use qpnet_tests::crash::{realtime_ns, Analysis, KillEvent, LoadConfig, LoadView};
 use qpnet_tests::proc::ProcHandle;
@@ -147,9 +147,34 @@ fn thousand_kills(bed: &mut Testbed) -> Result<(Vec<KillEvent>, Analysis, Primar
 #[test]
 fn a_thousand_kills_under_load_each_recover_and_leak_nothing() -> Result<()> {
     let _serial = serial();
-    let mut bed = crash_bed(&["--crash-limit", "0"])?;
-    let (kills, a, before, after) = thousand_kills(&mut bed)?;
-    report("1000 SIGKILLs under load", &a, &kills);
+    // A run the machine made too noisy to judge (its own long stalls away
+    // from every kill faster than the verdict's limit) is run again, at
+    // most twice; one that can be judged is judged in full. Correctness
+    // (invariants, every kill recovered, no leak) is checked on every run.
+    let mut attempt = 1;
+    let (mut bed, kills, a, before, after) = loop {
+        let mut bed = crash_bed(&["--crash-limit", "0"])?;
+        let (kills, a, before, after) = thousand_kills(&mut bed)?;
+        report("1000 SIGKILLs under load", &a, &kills);
+        let noisy = too_noisy(&a);
+        let sound = a.problems.is_empty()
+            && a.rx_silent_queues.is_empty()
+            && a.kills.iter().all(|k| {
+                k.recovery_ns.is_some()
+                    && k.rx_recovery_ns.is_some()
+                    && k.rx_lost <= RX_IN_FLIGHT_MAX
+            })
+            && after.fds == before.fds
+            && after.rss_kib <= before.rss_kib + 512;
+        match noisy {
+            Some(why) if sound && attempt < 3 => {
+                eprintln!("attempt {attempt}: {why}; running it again");
+                bed.finish()?;
+                attempt += 1;
+            }
+            _ => break (bed, kills, a, before, after),
+        }
+    };
     eprintln!("primary before: {before:?}, after: {after:?}");
     let table = bed.qpnet.stats_json(&[])?.flow_table;
     eprintln!(

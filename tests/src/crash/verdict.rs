@@ -289,6 +289,16 @@ fn judge_stall(st: WorstStall) -> StallVerdict {
     }
 }
 
+/// Why a run cannot be judged at all, if it cannot: the machine's own
+/// long stalls away from every kill came faster than [`NOISE_RATE_LIMIT`]
+/// (the host took the CPUs away), so no timing of its kills means anything.
+/// [`check_kills`] fails such a run; a test may run it again instead.
+pub fn too_noisy(a: &Analysis) -> Option<String> {
+    let noise = Noise::of(a);
+    (noise.rate() > NOISE_RATE_LIMIT)
+        .then(|| format!("too noisy to judge isolation: {noise}, over {NOISE_RATE_LIMIT}/s"))
+}
+
 /// The machine's own long stalls, away from every kill.
 struct Noise {
     /// Stalls over the limit there.
