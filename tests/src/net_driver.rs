@@ -336,6 +336,25 @@ impl RxDriver {
         self.queue.kick();
     }
 
+    /// Reap until `n` frames arrived, waiting on the call fd in between;
+    /// fails after `timeout` saying how many came.
+    pub fn reap_until(&mut self, n: usize, timeout: Duration) -> Result<Vec<RxFrame>> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while got.len() < n {
+            got.extend(self.reap()?);
+            if got.len() < n && Instant::now() > deadline {
+                bail!(
+                    "RX vring {}: {} of {n} frames after {timeout:?}",
+                    self.vring,
+                    got.len()
+                );
+            }
+            self.queue.wait_call(Duration::from_millis(5));
+        }
+        Ok(got)
+    }
+
     /// Collect completed buffers into frames, post the buffers again.
     pub fn reap(&mut self) -> Result<Vec<RxFrame>> {
         let mut frames = Vec::new();

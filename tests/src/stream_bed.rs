@@ -4,9 +4,8 @@
 //! a test VMM on qpnet's vhost-user socket.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use qpnet_shared::QueueStats;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -171,19 +170,16 @@ impl StreamBed {
 
     /// The next `n` frames reaped from RX queue `qp` (zero header checked).
     pub fn rx_frames(&mut self, qp: usize, n: usize) -> Result<Vec<Vec<u8>>> {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut got = Vec::new();
-        while got.len() < n {
-            for f in self.vmm.rx[qp].reap()? {
+        let frames = self.vmm.rx[qp]
+            .reap_until(n, TIMEOUT)
+            .with_context(|| self.err())?;
+        frames
+            .into_iter()
+            .map(|f| {
                 ensure!(f.header[..10] == [0; 10], "qp{qp}: RX header not zero");
-                got.push(f.data);
-            }
-            if Instant::now() > deadline {
-                bail!("qp{qp}: {} of {n} RX frames; {}", got.len(), self.err());
-            }
-            self.vmm.rx[qp].queue.wait_call(Duration::from_millis(5));
-        }
-        Ok(got)
+                Ok(f.data)
+            })
+            .collect()
     }
 
     /// Counter `f` of queue pair `qp`.

@@ -216,10 +216,12 @@ impl Bed {
 
     /// Frames received on RX queue `qp` until `n` arrived.
     fn rx_frames(&mut self, qp: usize, n: usize) -> Result<Vec<Vec<u8>>> {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut got = Vec::new();
-        while got.len() < n {
-            for f in self.vmm.rx[qp].reap()? {
+        let frames = self.vmm.rx[qp]
+            .reap_until(n, TIMEOUT)
+            .with_context(|| format!("qpnet stderr:\n{}", self.qpnet.stderr()))?;
+        frames
+            .into_iter()
+            .map(|f| {
                 ensure!(
                     f.header[..10] == [0; 10],
                     "qp{qp}: RX header {:?} is not zero (a socket carries none)",
@@ -231,18 +233,9 @@ impl Bed {
                     f.num_buffers(),
                     f.buffers
                 );
-                got.push(f.data);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "qp{qp}: {} of {n} RX frames after {TIMEOUT:?}; qpnet stderr:\n{}",
-                    got.len(),
-                    self.qpnet.stderr()
-                );
-            }
-            self.vmm.rx[qp].queue.wait_call(Duration::from_millis(5));
-        }
-        Ok(got)
+                Ok(f.data)
+            })
+            .collect()
     }
 
     /// Frames from every peer reach the RX queue of its queue pair, byte

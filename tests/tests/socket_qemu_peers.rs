@@ -95,19 +95,12 @@ impl Bed {
         for f in &frames {
             self.udp.send(f)?;
         }
-        let mut got = Vec::new();
-        let deadline = Instant::now() + TIMEOUT;
-        while got.len() < frames.len() {
-            got.extend(self.vmm.rx[0].reap()?.into_iter().map(|f| f.data));
-            ensure!(
-                Instant::now() < deadline,
-                "{} of {} RX frames from QEMU; {}",
-                got.len(),
-                frames.len(),
-                self.err()
-            );
-            self.vmm.rx[0].queue.wait_call(Duration::from_millis(5));
-        }
+        let got: Vec<Vec<u8>> = self.vmm.rx[0]
+            .reap_until(frames.len(), TIMEOUT)
+            .with_context(|| format!("RX frames from QEMU; {}", self.err()))?
+            .into_iter()
+            .map(|f| f.data)
+            .collect();
         ensure!(got == frames, "RX frames from QEMU differ");
         Ok(())
     }

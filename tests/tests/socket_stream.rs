@@ -405,18 +405,12 @@ fn listening_qpnet_takes_one_peer_at_a_time() -> Result<()> {
         for f in &frames {
             write_frame(c.as_mut(), f)?;
         }
-        let mut got = Vec::new();
-        let deadline = Instant::now() + TIMEOUT;
-        while got.len() < frames.len() {
-            got.extend(vmm.rx[0].reap()?.into_iter().map(|f| f.data));
-            ensure!(
-                Instant::now() < deadline,
-                "{} of 16 RX frames; {}",
-                got.len(),
-                err()
-            );
-            vmm.rx[0].queue.wait_call(Duration::from_millis(5));
-        }
+        let got: Vec<Vec<u8>> = vmm.rx[0]
+            .reap_until(frames.len(), TIMEOUT)
+            .with_context(err)?
+            .into_iter()
+            .map(|f| f.data)
+            .collect();
         ensure!(got == frames, "RX frames differ");
         // The peer goes; it connects again next round.
     }
