@@ -495,8 +495,9 @@ impl FrameIo for Stream {
         matches!(self.stage.borrow().whole_frame(), Ok(Some(_))) || readable(self.fd.as_fd())
     }
 
-    /// SO_ERROR reads and clears the socket's pending error; a stream
-    /// socket's error or hang-up is its end.
+    /// A stream socket's error or hang-up is its end: the stream ends (it
+    /// stays attached, dropping TX frames, until a new one comes), so
+    /// there is no error to take and go on with.
     fn take_error(&self) -> Option<io::Error> {
         self.end();
         None
